@@ -1,0 +1,141 @@
+"""Labels, lazily read feature bags, and padded batches for training and inference."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from wsi_mil.errors import BagError, ConfigError
+from wsi_mil.io.h5 import read_bag
+
+
+@dataclass
+class LabelTable:
+    """Slides, their labels as class indices, and the class names (sorted)."""
+
+    slide_ids: list[str]
+    y: np.ndarray  # (S,) int64
+    classes: list[str]
+
+
+def read_labels(path: str | os.PathLike[str]) -> LabelTable:
+    """Read ``slide_id,label`` (or CLAM's ``case_id,slide_id,label``).
+
+    Labels may be strings or numbers; classes are their sorted unique values as strings.
+    """
+    import pandas as pd
+
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read labels CSV ({exc})") from exc
+    cols = {c.strip().lower(): c for c in df.columns}
+    if "slide_id" not in cols or "label" not in cols:
+        raise ConfigError(
+            f"{path}: labels CSV needs columns slide_id,label; found {', '.join(df.columns)}"
+        )
+    ids = [s.strip() for s in df[cols["slide_id"]].astype(str)]
+    labels = [s.strip() for s in df[cols["label"]].astype(str)]
+    if any(not s for s in ids) or any(not s for s in labels):
+        raise ConfigError(f"{path}: empty slide_id or label in some rows")
+    dup = sorted({s for s in ids if ids.count(s) > 1})
+    if dup:
+        raise ConfigError(f"{path}: duplicate slide_id(s) {', '.join(dup[:5])}")
+    try:  # numeric labels sort numerically ("2" < "10")
+        classes = [str(c) for c in sorted({float(s) for s in labels})]
+        num = {float(s): s for s in labels}
+        classes = [num[float(c)] for c in classes]
+    except ValueError:
+        classes = sorted(set(labels))
+    if len(classes) < 2:
+        raise ConfigError(f"{path}: needs at least two classes, found {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    return LabelTable(ids, np.array([index[s] for s in labels], np.int64), classes)
+
+
+def bag_paths(feature_dir: str | os.PathLike[str], slide_ids: Sequence[str]) -> list[Path]:
+    """``<feature_dir>/<id>.h5`` for every slide; missing files are one :class:`BagError`."""
+    feature_dir = Path(feature_dir)
+    paths = [feature_dir / f"{s}.h5" for s in slide_ids]
+    missing = [p.stem for p in paths if not p.is_file()]
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise BagError(
+            f"{feature_dir}: no feature bag for slide(s) {', '.join(missing[:5])}{more}; "
+            "run `wsi-mil extract` first or fix the labels CSV"
+        )
+    return paths
+
+
+class BagDataset(Dataset):
+    """Reads one bag per item from disk; nothing is held in memory between items.
+
+    Items are ``(features (N, D) float32 tensor, label, index)``.
+    ``max_instances > 0`` draws a random subset of that many instances (training only).
+    """
+
+    def __init__(
+        self, paths: Sequence[Path], y: np.ndarray, max_instances: int = 0, seed: int = 0
+    ) -> None:
+        self.paths = list(paths)
+        self.y = np.asarray(y, np.int64)
+        self.max_instances = int(max_instances)
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        feats = read_bag(self.paths[i]).features  # (N, D)
+        if len(feats) == 0:
+            raise BagError(f"{self.paths[i]}: bag has no instances")
+        if self.max_instances and len(feats) > self.max_instances:
+            keep = np.sort(self.rng.choice(len(feats), self.max_instances, replace=False))
+            feats = feats[keep]
+        return torch.from_numpy(feats), int(self.y[i]), i
+
+
+def collate_bags(items: Sequence[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pad bags to the longest: X (B, N, D), mask (B, N), y (B,), index (B,)."""
+    n = max(f.shape[0] for f, _, _ in items)
+    D = items[0][0].shape[1]
+    X = torch.zeros(len(items), n, D)  # (B, N, D)
+    mask = torch.zeros(len(items), n, dtype=torch.bool)  # (B, N)
+    for i, (f, _, _) in enumerate(items):
+        X[i, : f.shape[0]] = f
+        mask[i, : f.shape[0]] = True
+    y = torch.tensor([t for _, t, _ in items], dtype=torch.long)
+    idx = torch.tensor([j for _, _, j in items], dtype=torch.long)
+    return X, mask, y, idx
+
+
+def feature_stats(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean and std (D,) over all instances of ``paths``, one bag in memory at a time."""
+    total = 0
+    mean = None
+    m2 = None
+    for p in paths:
+        f = read_bag(p).features.astype(np.float64)  # (N, D)
+        if len(f) == 0:
+            continue
+        n_b, mean_b = len(f), f.mean(0)
+        m2_b = ((f - mean_b) ** 2).sum(0)
+        if mean is None:
+            total, mean, m2 = n_b, mean_b, m2_b
+            continue
+        delta = mean_b - mean  # Chan et al. parallel update
+        new_total = total + n_b
+        mean = mean + delta * n_b / new_total
+        m2 = m2 + m2_b + delta**2 * total * n_b / new_total
+        total = new_total
+    if mean is None or m2 is None:
+        raise BagError("no instances in the training bags")
+    return mean.astype(np.float32), np.sqrt(m2 / max(total, 1)).astype(np.float32), total

@@ -1,0 +1,117 @@
+"""Load a trained run and predict: the fold ensemble that stage 4 calls."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from wsi_mil.errors import BagError, ConfigError
+from wsi_mil.io.h5 import read_bag
+from wsi_mil.mil.base import MILPrediction
+from wsi_mil.mil.registry import create_model
+
+
+class FoldEnsemble(nn.Module):
+    """Mean of the fold models' outputs; same contract as a single MIL model.
+
+    Bag probabilities, attention and instance probabilities are each averaged over folds.
+    ``forward`` returns the log of the mean probabilities (usable as logits).
+
+    Attributes
+    ----------
+    classes : list of str
+        Class names, index order of the probabilities.
+    encoder : str
+        Feature folder the run was trained on.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], classes: list[str], encoder: str) -> None:
+        super().__init__()
+        self.models = nn.ModuleList(models)
+        self.classes = list(classes)
+        self.encoder = encoder
+
+    @torch.no_grad()
+    def predict(
+        self, X: Tensor, mask: Tensor | None = None, return_instance: bool = True
+    ) -> MILPrediction:
+        """Fold-averaged :class:`MILPrediction` for a padded batch (B, N, D)."""
+        preds = [m.predict(X, mask, return_instance) for m in self.models]
+        bag = torch.stack([p.bag_probs for p in preds]).mean(0)  # (B, K)
+        if not return_instance:
+            return MILPrediction(bag)
+        att = torch.stack([p.attention for p in preds]).mean(0)  # (B, N)
+        inst = torch.stack([p.instance_probs for p in preds]).mean(0)  # (B, N, K)
+        return MILPrediction(bag, att, inst)
+
+    def forward(self, X: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Log mean probabilities (B, K)."""
+        return self.predict(X, mask, return_instance=False).bag_probs.clamp_min(1e-12).log()
+
+
+def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> FoldEnsemble:
+    """Rebuild the fold ensemble of ``OUT/models/<run>``.
+
+    Examples
+    --------
+    >>> ens = load_model("OUT/models/run1")  # doctest: +SKIP
+    >>> ens.predict(torch.randn(1, 100, ens.models[0].in_dim)).bag_probs  # doctest: +SKIP
+    """
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    spec_path = run_dir / "model.json"
+    try:
+        spec = json.loads(spec_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{spec_path}: not a trained wsi-mil run ({exc})") from exc
+    models = []
+    for ckpt in spec["checkpoints"]:
+        model = create_model(spec["model"], spec["in_dim"], spec["n_classes"], **spec["kwargs"])
+        try:
+            model.load_state_dict(load_file(str(run_dir / ckpt)))
+        except (OSError, RuntimeError) as exc:
+            raise ConfigError(f"{run_dir / ckpt}: cannot load checkpoint ({exc})") from exc
+        models.append(model.eval())
+    return FoldEnsemble(models, spec["classes"], spec.get("encoder", "")).to(device).eval()
+
+
+def predict_bag(model: nn.Module, features: np.ndarray | Tensor) -> MILPrediction:
+    """Predict one bag (N, D): bag probs (1, K), attention (1, N), instance probs (1, N, K)."""
+    X = torch.as_tensor(np.asarray(features, np.float32)).unsqueeze(0)  # (1, N, D)
+    dev = next(model.parameters()).device
+    return model.predict(X.to(dev), None, return_instance=True)
+
+
+def predict_bags(
+    model: FoldEnsemble,
+    bags: Sequence[str | os.PathLike[str]],
+    *,
+    slide_ids: Sequence[str] | None = None,
+):  # -> pandas.DataFrame
+    """Diagnose feature bags (HDF5 paths); one bag in memory at a time.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``slide_id``, ``prediction`` (class name) and ``prob_<class>`` per class.
+    """
+    import pandas as pd
+
+    rows = []
+    for i, path in enumerate(bags):
+        bag = read_bag(path)
+        if len(bag.features) == 0:
+            raise BagError(f"{path}: bag has no instances")
+        probs = predict_bag(model, bag.features).bag_probs[0].cpu().numpy()
+        sid = slide_ids[i] if slide_ids is not None else Path(path).stem
+        row = {"slide_id": sid, "prediction": model.classes[int(probs.argmax())]}
+        row.update({f"prob_{c}": float(p) for c, p in zip(model.classes, probs, strict=True)})
+        rows.append(row)
+    return pd.DataFrame(rows)

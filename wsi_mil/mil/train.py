@@ -1,0 +1,341 @@
+"""Stage 3 training: stratified k-fold CV, selection on validation only, fold ensemble.
+
+``train_run`` writes ``OUT/models/<run>/``::
+
+    config.yaml          resolved TrainConfig (+ encoder, labels path)
+    model.json           how to rebuild the model: name, kwargs, in_dim, classes, folds
+    fold_<k>.safetensors weights chosen on fold k's validation split
+    splits.csv           slide_id, fold, split (train / val / test)
+    history.csv          per fold and epoch: train loss terms, validation loss and error
+    metrics.json         per-fold test metrics and their mean/std, out-of-fold metrics
+    predictions.csv      out-of-fold: slide_id, label, fold, prediction, prob_<class>...
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from wsi_mil.errors import ConfigError
+from wsi_mil.io.atomic import atomic_path
+from wsi_mil.io.h5 import read_bag
+from wsi_mil.mil.config import TrainConfig
+from wsi_mil.mil.data import BagDataset, bag_paths, collate_bags, feature_stats, read_labels
+from wsi_mil.mil.loss_attention import AttentionTargets, consistency_weight
+from wsi_mil.mil.metrics import classification_metrics, summarize
+from wsi_mil.mil.registry import create_model
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments for :func:`create_model` from a config."""
+    m = cfg.model
+    return {
+        "trunk": m.trunk,
+        "hidden": list(m.hidden),
+        "dropout": m.dropout,
+        "lam": m.lam,
+        "attention_dim": m.attention_dim,
+        "input_norm": cfg.standardize,
+    }
+
+
+def make_splits(y: np.ndarray, cfg: TrainConfig, where: str) -> list[dict[str, np.ndarray]]:
+    """Stratified outer folds, each with a stratified validation split of its training part."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    counts = np.bincount(y)
+    if counts.min() < cfg.cv.folds:
+        raise ConfigError(
+            f"{where}: the smallest class has {counts.min()} slides, fewer than cv.folds="
+            f"{cfg.cv.folds}; lower cv.folds or add slides"
+        )
+    outer = StratifiedKFold(cfg.cv.folds, shuffle=True, random_state=cfg.cv.seed)
+    folds = []
+    for k, (train_val, test) in enumerate(outer.split(np.zeros(len(y)), y)):
+        try:
+            train, val = train_test_split(
+                train_val,
+                test_size=cfg.cv.val_fraction,
+                stratify=y[train_val],
+                random_state=cfg.cv.seed + k,
+            )
+        except ValueError as exc:
+            raise ConfigError(
+                f"{where}: cannot make a stratified validation split ({exc})"
+            ) from exc
+        folds.append({"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)})
+    return folds
+
+
+@torch.no_grad()
+def predict_loader(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> np.ndarray:
+    """Bag probabilities (S, K) in dataset order."""
+    model.eval()
+    out: dict[int, np.ndarray] = {}
+    for X, mask, _, idx in loader:
+        pred = model.predict(X.to(device), mask.to(device), return_instance=False)
+        for i, p in zip(idx.tolist(), pred.bag_probs.cpu().numpy(), strict=True):
+            out[i] = p
+    return np.stack([out[i] for i in range(len(out))])
+
+
+def fit_fold(
+    model: torch.nn.Module,
+    train_ds: BagDataset,
+    val_ds: BagDataset,
+    cfg: TrainConfig,
+    device: torch.device,
+    seed: int,
+    progress: Any = None,
+) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
+    """Train one fold and return the weights with the lowest validation error.
+
+    Ties in validation error go to the lower validation loss (the paper's "lowest
+    validation error and loss"). The test fold is never seen here.
+    """
+    o = cfg.optim
+    gen = torch.Generator().manual_seed(seed)
+    train_dl = DataLoader(
+        train_ds,
+        batch_size=o.batch_size,
+        shuffle=True,
+        collate_fn=collate_bags,
+        generator=gen,
+        num_workers=cfg.num_workers,
+    )
+    val_dl = DataLoader(val_ds, batch_size=1, collate_fn=collate_bags, num_workers=cfg.num_workers)
+    opt = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    targets = AttentionTargets(o.ema_beta) if o.omega > 0 else None
+    best: tuple[float, float] = (np.inf, np.inf)
+    best_state = copy.deepcopy(model.state_dict())
+    history: list[dict[str, float]] = []
+    since_best = 0
+    for epoch in range(o.epochs):
+        model.train()
+        omega = consistency_weight(epoch, o.rampup_epochs, o.omega)
+        sums = {"bag": 0.0, "instance": 0.0, "consistency": 0.0}
+        for X, mask, y, idx in train_dl:
+            X, mask, y = X.to(device), mask.to(device), y.to(device)
+            kwargs: dict[str, Any] = {}
+            if targets is not None:
+                with torch.no_grad():
+                    att = model.outputs(X, mask).attention
+                ids = idx.tolist()
+                kwargs = {
+                    "attention_target": targets.get(ids, att, mask),
+                    "consistency_weight": omega,
+                }
+            _, terms = model.compute_loss(y, X, mask, **kwargs)
+            loss = terms["bag"] + terms["instance"] + terms["consistency"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if targets is not None:
+                with torch.no_grad():
+                    targets.update(ids, model.outputs(X, mask).attention, mask)
+            for k in sums:
+                sums[k] += float(terms[k]) * len(y) / len(train_ds)
+        probs = predict_loader(model, val_dl, device)  # (V, K)
+        y_val = torch.as_tensor(val_ds.y)
+        val_loss = float(F.nll_loss(torch.as_tensor(probs).clamp_min(1e-12).log(), y_val))
+        val_err = float((probs.argmax(1) != val_ds.y).mean())
+        history.append(
+            {
+                "epoch": epoch,
+                **{f"train_{k}": v for k, v in sums.items()},
+                "val_loss": val_loss,
+                "val_error": val_err,
+            }
+        )
+        if (val_err, val_loss) < best:
+            best, since_best = (val_err, val_loss), 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            since_best += 1
+        if progress is not None:
+            progress(epoch, val_err, val_loss)
+        if o.patience and since_best >= o.patience:
+            break
+    return best_state, history
+
+
+def _run_name(cfg: TrainConfig, encoder: str) -> str:
+    if cfg.run_name:
+        return cfg.run_name
+    return f"{encoder}_{cfg.model.name}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+
+def train_run(
+    out_dir: str | os.PathLike[str],
+    labels_csv: str | os.PathLike[str],
+    encoder: str,
+    config: TrainConfig | None = None,
+    *,
+    progress: bool = True,
+) -> Path:
+    """Cross-validate a MIL model on ``OUT/features/<encoder>/h5_files`` and save the run.
+
+    Parameters
+    ----------
+    out_dir : path-like
+        The cohort folder OUT.
+    labels_csv : path-like
+        ``slide_id,label`` (or ``case_id,slide_id,label``).
+    encoder : str
+        Feature folder name under ``OUT/features``.
+    config : TrainConfig, optional
+        Defaults to ``TrainConfig()``.
+    progress : bool
+        Show a progress bar per fold.
+
+    Returns
+    -------
+    Path
+        ``OUT/models/<run>``, written atomically (it appears only when complete).
+
+    Examples
+    --------
+    >>> run_dir = train_run("OUT", "labels.csv", "resnet50")  # doctest: +SKIP
+    >>> ens = load_model(run_dir)  # doctest: +SKIP
+    """
+    import pandas as pd
+    import yaml
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    cfg = config or TrainConfig()
+    out_dir = Path(out_dir)
+    labels = read_labels(labels_csv)
+    paths = bag_paths(out_dir / "features" / encoder / "h5_files", labels.slide_ids)
+    in_dim = int(read_bag(paths[0], load_features=False).features.shape[1])
+    folds = make_splits(labels.y, cfg, str(labels_csv))
+    device = resolve_device(cfg.device)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    K = len(labels.classes)
+    kwargs = model_kwargs(cfg)
+    run_dir = out_dir / "models" / _run_name(cfg, encoder)
+    if run_dir.exists():
+        raise ConfigError(f"{run_dir}: run folder already exists; choose another run_name")
+
+    t0 = time.time()
+    oof = np.full((len(labels.y), K), np.nan, np.float32)
+    oof_fold = np.full(len(labels.y), -1)
+    per_fold: list[dict[str, Any]] = []
+    histories, states, split_rows = [], [], []
+    for k, fold in enumerate(folds):
+        seed = cfg.cv.seed * 1000 + k
+        torch.manual_seed(seed)
+        model = create_model(cfg.model.name, in_dim, K, **kwargs).to(device)
+        if cfg.standardize:
+            mean, std, _ = feature_stats([paths[i] for i in fold["train"]])
+            model.set_input_stats(torch.from_numpy(mean), torch.from_numpy(std))
+        ds = {
+            s: BagDataset(
+                [paths[i] for i in fold[s]],
+                labels.y[fold[s]],
+                cfg.optim.max_instances if s == "train" else 0,
+                seed,
+            )
+            for s in ("train", "val", "test")
+        }
+        bar = tqdm(
+            total=cfg.optim.epochs,
+            desc=f"fold {k + 1}/{len(folds)}",
+            disable=not progress,
+            leave=False,
+        )
+
+        def tick(epoch: int, err: float, loss: float, bar: Any = bar) -> None:
+            bar.set_postfix(val_err=f"{err:.3f}", val_loss=f"{loss:.3f}")
+            bar.update(1)
+
+        state, hist = fit_fold(model, ds["train"], ds["val"], cfg, device, seed, tick)
+        bar.close()
+        model.load_state_dict(state)
+        test_dl = DataLoader(ds["test"], batch_size=1, collate_fn=collate_bags)
+        probs = predict_loader(model, test_dl, device)
+        oof[fold["test"]] = probs
+        oof_fold[fold["test"]] = k
+        best = min(hist, key=lambda h: (h["val_error"], h["val_loss"]))
+        per_fold.append(
+            {
+                "fold": k,
+                "selected_epoch": int(best["epoch"]),
+                "val_error": best["val_error"],
+                "val_loss": best["val_loss"],
+                **classification_metrics(labels.y[fold["test"]], probs),
+            }
+        )
+        histories += [{"fold": k, **h} for h in hist]
+        states.append({n: t.detach().cpu().contiguous() for n, t in state.items()})
+        split_rows += [
+            {"slide_id": labels.slide_ids[i], "fold": k, "split": s}
+            for s in ("train", "val", "test")
+            for i in fold[s]
+        ]
+
+    fold_metrics = [
+        {m: f[m] for m in ("accuracy", "balanced_accuracy", "auc", "f1")} for f in per_fold
+    ]
+    metrics = {
+        "classes": labels.classes,
+        "selection": (
+            "per fold: epoch with the lowest validation error, ties by lowest validation loss"
+        ),
+        "folds": per_fold,
+        "summary": summarize(fold_metrics),
+        "out_of_fold": classification_metrics(labels.y, oof),
+        "seconds": round(time.time() - t0, 2),
+    }
+    model_json = {
+        "model": cfg.model.name,
+        "kwargs": kwargs,
+        "in_dim": in_dim,
+        "n_classes": K,
+        "classes": labels.classes,
+        "encoder": encoder,
+        "folds": len(folds),
+        "checkpoints": [f"fold_{k}.safetensors" for k in range(len(folds))],
+        "ensemble": "mean of the fold models' probabilities",
+    }
+    pred = pd.DataFrame(
+        {
+            "slide_id": labels.slide_ids,
+            "label": [labels.classes[i] for i in labels.y],
+            "fold": oof_fold,
+            "prediction": [labels.classes[i] for i in oof.argmax(1)],
+        }
+    )
+    for c, name in enumerate(labels.classes):
+        pred[f"prob_{name}"] = oof[:, c]
+    resolved = {**cfg.to_dict(), "encoder": encoder, "labels_csv": str(labels_csv)}
+    with atomic_path(run_dir) as tmp:
+        tmp.unlink()
+        tmp.mkdir()
+        for k, st in enumerate(states):
+            save_file(st, str(tmp / f"fold_{k}.safetensors"), metadata={"fold": str(k)})
+        (tmp / "model.json").write_text(json.dumps(model_json, indent=2))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        pred.to_csv(tmp / "predictions.csv", index=False)
+        pd.DataFrame(split_rows).to_csv(tmp / "splits.csv", index=False)
+        pd.DataFrame(histories).to_csv(tmp / "history.csv", index=False)
+    return run_dir
