@@ -1,0 +1,118 @@
+"""The ``wsi-mil`` command line: thin typed functions over the library.
+
+Heavy imports (torch, OpenSlide, h5py) happen inside the commands, so ``wsi-mil --help``
+is instant. A :class:`~wsi_mil.errors.WsiMilError` becomes one line on stderr and exit
+code 1; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from wsi_mil.errors import WsiMilError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="wsi-mil",
+    help="Whole-slide pipeline: tile → extract → train (loss-based attention MIL) → predict / heatmap.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", help="YAML file or preset name (configs/<stage>/); flags override it."),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Cohort output folder.")]
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+) -> None:
+    ctx.obj = {"debug": debug}
+
+
+def err(message: str) -> None:
+    """Print one line to stderr."""
+    typer.echo(message, err=True)
+
+
+def handles_errors(fn: F) -> F:
+    """Turn WsiMilError into one line and exit 1 (traceback only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except WsiMilError as exc:
+            ctx = click_context()
+            if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
+                raise
+            err(f"error: {exc}")
+            raise typer.Exit(1) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def click_context() -> Any:
+    """The current click context, if any."""
+    import click
+
+    return click.get_current_context(silent=True)
+
+
+@app.command(epilog="Example: wsi-mil tile slides/ extra.csv --out cohort --config biopsy")
+@handles_errors
+def tile(
+    slides: Annotated[list[str], typer.Argument(help="Slide files, folders, or CSVs with a 'path' column (optional 'mpp').")],
+    out: OutOpt,
+    config: ConfigOpt = None,
+    backend: Annotated[str | None, typer.Option(help="Slide reader: openslide (default) or tiffslide.")] = None,
+    mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides without metadata (a CSV 'mpp' column wins).")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="Patch side in px at --target-mpp (default 256).")] = None,
+    target_mpp: Annotated[float | None, typer.Option(help="µm/px of the patches (default 0.5, i.e. 20×).")] = None,
+    overlap: Annotated[float | None, typer.Option(help="Overlap between neighbouring patches, in [0, 1).")] = None,
+    min_tissue: Annotated[float | None, typer.Option(help="Minimum tissue share of a kept patch.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo slides already tiled.")] = False,
+) -> None:
+    """Stage 1: segment tissue and tile patches in µm; writes patches/, masks/, thumbnails/."""
+    from wsi_mil.tiling.cohort import tile_cohort
+
+    overrides = {"backend": backend, "patch_size": patch_size, "target_mpp": target_mpp,
+                 "overlap": overlap, "min_tissue": min_tissue}
+    summary = tile_cohort(slides, out, config=config, overrides=overrides, mpp=mpp, overwrite=overwrite,
+                          echo=typer.echo)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command(epilog="Example: wsi-mil demo --out demo_out")
+@handles_errors
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo cohort goes.")] = Path("demo_out"),
+    n_slides: Annotated[int, typer.Option(help="Number of synthetic slides.")] = 4,
+) -> None:
+    """The embedded default: a synthetic cohort, through every stage built so far."""
+    from wsi_mil.demo import run_demo
+
+    run_demo(out, n_slides=n_slides, echo=typer.echo)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="wsi-mil")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

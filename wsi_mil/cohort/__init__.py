@@ -1,0 +1,1 @@
+"""Cohorts: which slides, their status per stage, and (later) execution on Dask."""

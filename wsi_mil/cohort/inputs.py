@@ -1,0 +1,75 @@
+"""Turn command-line slide arguments (files, folders, CSVs) into a list of slides."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+from wsi_mil.errors import WsiMilError
+from wsi_mil.slide import SLIDE_EXTENSIONS, slide_id_from_path
+
+PATH_COLUMNS = ("path", "slide_path", "filepath", "file")
+
+
+@dataclass(frozen=True)
+class SlideInput:
+    """One slide to process: its path, id and an optional mpp override from a CSV."""
+
+    path: Path
+    slide_id: str
+    mpp: float | None = None
+
+
+def _from_csv(path: Path) -> list[SlideInput]:
+    with path.open(newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        cols = [c.strip() for c in reader.fieldnames or []]
+        col = next((c for c in PATH_COLUMNS if c in cols), None)
+        if col is None:
+            raise WsiMilError(f"{path}: slide CSV needs a column named one of {', '.join(PATH_COLUMNS)}")
+        out = []
+        for lineno, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            p = Path(row[col])
+            if not p.is_absolute():
+                p = (path.parent / p).resolve()
+            mpp = None
+            if row.get("mpp"):
+                try:
+                    mpp = float(row["mpp"])
+                except ValueError as exc:
+                    raise WsiMilError(f"{path}:{lineno}: mpp {row['mpp']!r} is not a number") from exc
+                if mpp <= 0:
+                    raise WsiMilError(f"{path}:{lineno}: mpp must be positive, got {mpp}")
+            out.append(SlideInput(p, row.get("slide_id") or slide_id_from_path(p), mpp))
+        return out
+
+
+def collect_slides(args: list[str | Path]) -> list[SlideInput]:
+    """Expand files, folders (every extension OpenSlide opens) and CSVs of slide paths.
+
+    A path that does not exist is kept, so that the stage reports it as that slide's
+    failure instead of stopping the run. Two slides with the same id are an error.
+
+    Examples
+    --------
+    >>> collect_slides(["slides/", "extra.csv"])  # doctest: +SKIP
+    """
+    out: list[SlideInput] = []
+    for arg in args:
+        p = Path(arg)
+        if p.is_dir():
+            out += [SlideInput(f, slide_id_from_path(f)) for f in sorted(p.iterdir())
+                    if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS]
+        elif p.suffix.lower() == ".csv" and p.is_file():
+            out += _from_csv(p)
+        else:
+            out.append(SlideInput(p, slide_id_from_path(p)))
+    seen: dict[str, Path] = {}
+    for s in out:
+        if s.slide_id in seen and seen[s.slide_id] != s.path:
+            raise WsiMilError(f"two slides share the id {s.slide_id!r}: {seen[s.slide_id]} and {s.path}")
+        seen[s.slide_id] = s.path
+    unique = {s.slide_id: s for s in out}
+    return list(unique.values())

@@ -1,0 +1,1 @@
+"""File formats and atomic writes: HDF5 bags, GeoJSON, status tables."""

@@ -1,0 +1,166 @@
+"""HDF5 names and the one place that reads and writes patch files and feature bags.
+
+Layouts follow CLAM (and so TRIDENT tooling can read them):
+
+* ``patches/<id>.h5``: dataset ``coords`` int64 (N, 2), level-0 (x, y) top-left corners.
+* ``features/<enc>/h5_files/<id>.h5``: ``features`` float32 (N, D) and ``coords`` (N, 2)
+  in the same order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.errors import BagError
+from wsi_mil.io.atomic import atomic_path
+
+COORDS = "coords"
+FEATURES = "features"
+
+# Attribute names of ``patches/<id>.h5`` (CLAM's first, then ours).
+ATTR_PATCH_SIZE = "patch_size"
+ATTR_PATCH_LEVEL = "patch_level"
+ATTR_DOWNSAMPLE = "downsample"
+ATTR_DOWNSAMPLED_LEVEL_DIM = "downsampled_level_dim"
+ATTR_LEVEL_DIM = "level_dim"
+ATTR_NAME = "name"
+ATTR_PATCH_SIZE_LEVEL0 = "patch_size_level0"
+ATTR_MPP = "mpp"
+ATTR_TARGET_MPP = "target_mpp"
+ATTR_OVERLAP = "overlap"
+
+
+def _attr_value(value: Any) -> Any:
+    """HDF5 attributes take numbers, strings and arrays; anything nested goes as JSON."""
+    if isinstance(value, (dict, list, tuple)) and not (
+        isinstance(value, (list, tuple)) and all(isinstance(v, (int, float)) for v in value)
+    ):
+        return json.dumps(value)
+    if value is None:
+        return "null"
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        value = value.decode()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class PatchFile:
+    """Contents of ``patches/<id>.h5``: coordinates and their attributes."""
+
+    coords: np.ndarray  # (N, 2) int64, level-0 (x, y)
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def patch_size_level0(self) -> int:
+        """Side of one patch in level-0 pixels."""
+        return int(self.attrs[ATTR_PATCH_SIZE_LEVEL0])
+
+
+@dataclass
+class Bag:
+    """One slide's features: ``features`` (N, D) float32 and ``coords`` (N, 2)."""
+
+    features: np.ndarray
+    coords: np.ndarray
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+def write_patches(path: str | os.PathLike[str], coords: np.ndarray, attrs: Mapping[str, Any]) -> None:
+    """Write a CLAM-layout patch file atomically.
+
+    Parameters
+    ----------
+    path : path-like
+        Destination ``patches/<id>.h5``.
+    coords : ndarray
+        (N, 2) level-0 top-left (x, y); stored as int64.
+    attrs : mapping
+        Attributes stored on the ``coords`` dataset (where CLAM reads them) and on the file.
+    """
+    import h5py
+
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)  # (N, 2)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            dset = f.create_dataset(COORDS, data=coords, maxshape=(None, 2), chunks=(4096, 2) if len(coords) else None)
+            for key, value in attrs.items():
+                dset.attrs[key] = _attr_value(value)
+                f.attrs[key] = _attr_value(value)
+
+
+def read_patches(path: str | os.PathLike[str]) -> PatchFile:
+    """Read ``patches/<id>.h5``; a missing or malformed file is a :class:`BagError`."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            coords = np.asarray(f[COORDS][:], dtype=np.int64).reshape(-1, 2)
+            attrs = {k: _decode(v) for k, v in f[COORDS].attrs.items()}
+    except (OSError, KeyError) as exc:
+        raise BagError(f"{path}: not a readable patch file ({exc})") from exc
+    return PatchFile(coords=coords, attrs=attrs)
+
+
+def read_bag(path: str | os.PathLike[str], *, load_features: bool = True) -> Bag:
+    """Read a feature bag ``features/<enc>/h5_files/<id>.h5``.
+
+    Parameters
+    ----------
+    path : path-like
+        The bag file.
+    load_features : bool
+        If False, ``features`` is an empty (0, D) array (coords and attributes only).
+    """
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            dset = f[FEATURES]
+            feats = (
+                np.asarray(dset[:], dtype=np.float32)
+                if load_features
+                else np.empty((0, dset.shape[1]), np.float32)
+            )
+            coords = np.asarray(f[COORDS][:], dtype=np.int64).reshape(-1, 2)
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+    except (OSError, KeyError) as exc:
+        raise BagError(f"{path}: not a readable feature bag ({exc})") from exc
+    return Bag(features=feats, coords=coords, attrs=attrs)
+
+
+def write_bag(
+    path: str | os.PathLike[str],
+    features: np.ndarray,
+    coords: np.ndarray,
+    attrs: Mapping[str, Any],
+) -> None:
+    """Write a whole feature bag at once, atomically (small bags, tests, tools)."""
+    import h5py
+
+    features = np.asarray(features, dtype=np.float32)  # (N, D)
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)  # (N, 2)
+    if len(features) != len(coords):
+        raise BagError(f"{path}: {len(features)} feature rows but {len(coords)} coords")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset(FEATURES, data=features)
+            f.create_dataset(COORDS, data=coords)
+            for key, value in attrs.items():
+                f.attrs[key] = _attr_value(value)

@@ -1,0 +1,80 @@
+"""tiffslide backend: pure-Python TIFF reading via tifffile, with a zarr view of each level."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.errors import SlideError
+from wsi_mil.slide.base import Mpp, Slide, slide_id_from_path
+
+
+class TiffSlideSlide(Slide):
+    """A slide read through tiffslide (fallback backend; no native library needed)."""
+
+    backend_name = "tiffslide"
+
+    def __init__(self, path: str | Path, mpp: float | None = None, mpp_source: str = "cli") -> None:
+        super().__init__(path, mpp, mpp_source)
+        import tiffslide
+
+        try:
+            self._ts = tiffslide.TiffSlide(str(self.path))
+            self._ts.level_dimensions  # noqa: B018 - force parsing now, not at first read
+        except Exception as exc:  # tifffile raises many types for bad files
+            raise SlideError(
+                slide_id_from_path(self.path), f"{self.path} is not a slide tiffslide can read ({exc})"
+            ) from exc
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple((int(w), int(h)) for w, h in self._ts.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self._ts.level_downsamples)
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        """Raw tiffslide properties."""
+        return dict(self._ts.properties)
+
+    def _metadata_mpp(self) -> Mpp | None:
+        props = self._ts.properties
+        x, y = props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")
+        if x is None or float(x) <= 0:
+            return None
+        return Mpp(float(x), float(y or x), "metadata:tiffslide.mpp-x")
+
+    def zarr_level(self, level: int) -> Any:
+        """The zarr array (h, w, 3) of one pyramid level (cheap random access)."""
+        group = self._ts.zarr_group
+        return group[str(level)] if self.level_count > 1 else group
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        x0, y0 = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        # Clip to the level, then pad with white like OpenSlide's transparent background.
+        lx, ly = int(x0 / ds), int(y0 / ds)
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
+        out = np.full((h, w, 3), 255, np.uint8)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        try:
+            arr = self._ts.read_region((int(cx0 * ds), int(cy0 * ds)), level, (cx1 - cx0, cy1 - cy0), as_array=True)
+        except Exception as exc:
+            raise SlideError(self.slide_id, f"cannot read region {(x0, y0)} of {self.path} ({exc})") from exc
+        arr = np.asarray(arr)[..., :3]
+        out[cy0 - ly : cy0 - ly + arr.shape[0], cx0 - lx : cx0 - lx + arr.shape[1]] = arr
+        return out
+
+    def close(self) -> None:
+        ts = getattr(self, "_ts", None)
+        if ts is not None:
+            ts.close()
+            self._ts = None

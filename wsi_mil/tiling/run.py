@@ -1,0 +1,195 @@
+"""Stage 1 for one slide: open → segment → tile → write patches, mask and thumbnail."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wsi_mil.errors import ConfigError, SlideError
+from wsi_mil.io import h5
+from wsi_mil.tissue.segment import SegmentConfig, segment_tissue
+from wsi_mil.tiling.grid import box_fractions, grid_coords, patch_geometry
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Tiling settings; ``configs/tile/*.yaml`` are presets of it.
+
+    Parameters
+    ----------
+    patch_size : int
+        Patch side in pixels at ``target_mpp``.
+    target_mpp : float
+        µm/px of the patches (0.5 ≈ 20×).
+    overlap : float
+        Fraction shared by neighbouring patches, in [0, 1).
+    min_tissue : float
+        Minimum share of a patch that must be tissue.
+    backend : str
+        Slide backend (``openslide`` or ``tiffslide``).
+    thumbnail_max : int
+        Longest side of ``thumbnails/<id>.png`` in pixels.
+    simplify_um : float
+        Douglas–Peucker tolerance for ``masks/<id>.geojson`` polygons, in µm.
+    segment : SegmentConfig
+        Tissue segmentation settings.
+    """
+
+    patch_size: int = 256
+    target_mpp: float = 0.5
+    overlap: float = 0.0
+    min_tissue: float = 0.25
+    backend: str = "openslide"
+    thumbnail_max: int = 2048
+    simplify_um: float = 4.0
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap < 1.0:
+            raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ConfigError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
+        if self.patch_size < 8 or self.target_mpp <= 0:
+            raise ConfigError("patch_size must be ≥ 8 px and target_mpp positive")
+
+
+@dataclass
+class TileResult:
+    """What tiling one slide produced."""
+
+    slide_id: str
+    state: str  # "done" or "empty"
+    n_patches: int
+    mpp: float
+    mpp_source: str
+    timings: dict[str, float]
+
+
+def patches_path(out: Path, slide_id: str) -> Path:
+    """``OUT/patches/<id>.h5``."""
+    return Path(out) / "patches" / f"{slide_id}.h5"
+
+
+def is_tiled(out: Path, slide_id: str) -> bool:
+    """True if a complete patch file exists (files appear only complete: temp + rename)."""
+    p = patches_path(out, slide_id)
+    if not p.exists():
+        return False
+    try:
+        h5.read_patches(p)
+    except Exception:
+        return False
+    return True
+
+
+def tile_slide(path: str | Path, out: str | Path, cfg: TileConfig | None = None,
+               mpp: float | None = None, mpp_source: str = "cli", slide_id: str | None = None) -> TileResult:
+    """Tile one slide into ``OUT/patches``, ``OUT/masks`` and ``OUT/thumbnails``.
+
+    Parameters
+    ----------
+    path : path-like
+        Slide file.
+    out : path-like
+        Cohort output folder.
+    cfg : TileConfig, optional
+        Settings (defaults: 256 px at 0.5 µm/px).
+    mpp, mpp_source : optional
+        Level-0 µm/px override and where it came from (``"csv"``/``"cli"``).
+    slide_id : str, optional
+        Id to use instead of the file name's stem.
+
+    Raises
+    ------
+    SlideError
+        The slide cannot be opened or read, has no mpp, or is smaller than one patch.
+
+    Examples
+    --------
+    >>> tile_slide("slides/a.tif", "out")  # doctest: +SKIP
+    """
+    from wsi_mil.io.geojson import tissue_feature_collection, write_geojson
+    from wsi_mil.slide import open_slide
+    from wsi_mil.tiling.thumbnail import draw_thumbnail, write_png
+
+    cfg = cfg or TileConfig()
+    out = Path(out)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with open_slide(path, backend=cfg.backend, mpp=mpp, mpp_source=mpp_source) as slide:
+        sid = slide_id or slide.slide_id
+        slide_mpp = slide.mpp
+        width, height = slide.dimensions
+        geom = patch_geometry(slide_mpp.mean, cfg.target_mpp, cfg.patch_size, slide.level_downsamples, cfg.overlap)
+        if width < geom.size_level0 or height < geom.size_level0:
+            raise SlideError(sid, f"{path} is {width}×{height} px, smaller than one patch "
+                                  f"({geom.size_level0} px at level 0)")
+        timings["open"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        try:
+            rgb, seg_mpp = slide.read_at_mpp(cfg.segment.seg_mpp)
+        except SlideError:
+            raise
+        except Exception as exc:  # decoders raise many types on truncated data
+            raise SlideError(sid, f"cannot read {path} ({exc})") from exc
+        scale = width / rgb.shape[1]
+        tissue = segment_tissue(rgb, seg_mpp, scale, cfg.segment)
+        timings["segment"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    coords = np.empty((0, 2), np.int64)
+    if tissue.mask.any():
+        ys, xs = np.nonzero(tissue.mask)
+        bbox = (int(xs.min() * scale), int(ys.min() * scale), int((xs.max() + 1) * scale), int((ys.max() + 1) * scale))
+        coords = grid_coords(width, height, geom.size_level0, geom.stride_level0, bbox)
+        frac = box_fractions(tissue.mask, scale, coords, geom.size_level0)
+        coords = coords[frac >= max(cfg.min_tissue, 1e-9)]
+    timings["tile"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    attrs = {
+        h5.ATTR_PATCH_SIZE: geom.size_at_level,
+        h5.ATTR_PATCH_LEVEL: geom.level,
+        h5.ATTR_DOWNSAMPLE: [geom.level_downsample, geom.level_downsample],
+        h5.ATTR_DOWNSAMPLED_LEVEL_DIM: list(_level_dims(width, height, geom.level_downsample)),
+        h5.ATTR_LEVEL_DIM: list(_level_dims(width, height, geom.level_downsample)),
+        h5.ATTR_NAME: sid,
+        h5.ATTR_PATCH_SIZE_LEVEL0: geom.size_level0,
+        h5.ATTR_MPP: slide_mpp.mean,
+        h5.ATTR_TARGET_MPP: cfg.target_mpp,
+        h5.ATTR_OVERLAP: cfg.overlap,
+        "target_patch_size": cfg.patch_size,
+        "stride_level0": geom.stride_level0,
+        "mpp_source": slide_mpp.source,
+        "min_tissue": cfg.min_tissue,
+        "slide_path": str(Path(path).resolve()),
+        "slide_dimensions": [width, height],
+        "tissue_area_um2": tissue.area_um2,
+    }
+    h5.write_patches(patches_path(out, sid), coords, attrs)
+    tol = cfg.simplify_um / slide_mpp.mean
+    write_geojson(out / "masks" / f"{sid}.geojson", tissue_feature_collection(tissue.polygons, tol))
+    thumb, tscale = _thumbnail(rgb, scale, cfg.thumbnail_max)
+    write_png(out / "thumbnails" / f"{sid}.png", draw_thumbnail(thumb, tscale, tissue.polygons, coords, geom.size_level0))
+    timings["write"] = time.perf_counter() - t
+    return TileResult(sid, "done" if len(coords) else "empty", len(coords), slide_mpp.mean, slide_mpp.source, timings)
+
+
+def _level_dims(width: int, height: int, ds: float) -> tuple[int, int]:
+    return int(round(width / ds)), int(round(height / ds))
+
+
+def _thumbnail(rgb: np.ndarray, scale: float, max_side: int) -> tuple[np.ndarray, float]:
+    """Shrink the segmentation image to at most ``max_side`` px; return it and its scale."""
+    import cv2
+
+    h, w = rgb.shape[:2]
+    f = max(h, w) / max_side
+    if f <= 1:
+        return rgb, scale
+    small = cv2.resize(rgb, (max(1, round(w / f)), max(1, round(h / f))), interpolation=cv2.INTER_AREA)
+    return small, scale * w / small.shape[1]
