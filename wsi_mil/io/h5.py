@@ -164,3 +164,90 @@ def write_bag(
             f.create_dataset(COORDS, data=coords)
             for key, value in attrs.items():
                 f.attrs[key] = _attr_value(value)
+
+
+# ---------------------------------------------------------------------------------------
+# ``heatmaps/<run>/<id>.h5``: per-patch attention and instance class probabilities.
+# ---------------------------------------------------------------------------------------
+ATTENTION = "attention"
+ATTENTION_NORM = "attention_norm"
+INSTANCE_PROBS = "instance_probs"
+ATTR_CLASS_NAMES = "class_names"
+ATTR_ATTENTION_NORMALISATION = "attention_normalisation"
+ATTR_SLIDE_ID = "slide_id"
+ATTR_RUN = "run"
+ATTR_SLIDE_DIMENSIONS = "slide_dimensions"
+
+
+@dataclass
+class HeatmapData:
+    """One slide's heatmap data: everything the renderings are made from.
+
+    Attributes
+    ----------
+    coords : ndarray
+        (N, 2) int64 level-0 (x, y) top-left corners.
+    attention : ndarray
+        (N,) float32 raw attention (sums to 1 over the bag for the loss-attention head).
+    attention_norm : ndarray
+        (N,) float32 attention normalised per slide to [0, 1] (see ``attrs``).
+    instance_probs : ndarray
+        (N, K) float32 instance class probabilities, one column per class.
+    class_names : list of str
+        The K class names, in column order.
+    attrs : dict
+        ``patch_size_level0``, ``mpp``, ``slide_dimensions``, ``slide_id``, ``run``, ...
+    """
+
+    coords: np.ndarray
+    attention: np.ndarray
+    attention_norm: np.ndarray
+    instance_probs: np.ndarray
+    class_names: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def patch_size_level0(self) -> int:
+        """Side of one patch in level-0 pixels."""
+        return int(self.attrs[ATTR_PATCH_SIZE_LEVEL0])
+
+
+def write_heatmap_data(path: str | os.PathLike[str], data: HeatmapData) -> None:
+    """Write ``heatmaps/<run>/<id>.h5`` atomically.
+
+    Class names go to the ``class_names`` attribute of ``instance_probs`` and of the file
+    (a JSON list), the other ``attrs`` to the file.
+    """
+    import h5py
+
+    coords = np.asarray(data.coords, dtype=np.int64).reshape(-1, 2)  # (N, 2)
+    probs = np.asarray(data.instance_probs, dtype=np.float32).reshape(len(coords), -1)  # (N, K)
+    names = json.dumps(list(data.class_names))
+    norm_name = str(data.attrs.get(ATTR_ATTENTION_NORMALISATION, "minmax"))
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(COORDS, data=coords)
+        f.create_dataset(ATTENTION, data=np.asarray(data.attention, np.float32))
+        norm = f.create_dataset(ATTENTION_NORM, data=np.asarray(data.attention_norm, np.float32))
+        norm.attrs[ATTR_ATTENTION_NORMALISATION] = norm_name
+        f.create_dataset(INSTANCE_PROBS, data=probs).attrs[ATTR_CLASS_NAMES] = names
+        f.attrs[ATTR_CLASS_NAMES] = names
+        for key, value in data.attrs.items():
+            f.attrs[key] = _attr_value(value)
+
+
+def read_heatmap_data(path: str | os.PathLike[str]) -> HeatmapData:
+    """Read ``heatmaps/<run>/<id>.h5``; a missing or malformed file is a :class:`BagError`."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            coords = np.asarray(f[COORDS][:], dtype=np.int64).reshape(-1, 2)
+            attention = np.asarray(f[ATTENTION][:], dtype=np.float32)
+            attention_norm = np.asarray(f[ATTENTION_NORM][:], dtype=np.float32)
+            probs = np.asarray(f[INSTANCE_PROBS][:], dtype=np.float32).reshape(len(coords), -1)
+            names = json.loads(_decode(f[INSTANCE_PROBS].attrs[ATTR_CLASS_NAMES]))
+            attrs = {k: _decode(v) for k, v in f.attrs.items() if k != ATTR_CLASS_NAMES}
+    except (OSError, KeyError, ValueError) as exc:
+        raise BagError(f"{path}: not a readable heatmap file ({exc})") from exc
+    return HeatmapData(coords, attention, attention_norm, probs, [str(n) for n in names], attrs)
