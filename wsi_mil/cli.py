@@ -97,6 +97,33 @@ def tile(
         raise typer.Exit(1)
 
 
+@app.command(epilog="Examples: wsi-mil extract --out cohort --encoder resnet50_trunc --weights r50.safetensors\n\n"
+                     "wsi-mil extract --out cohort --encoder texture   (built-in, no download)")
+@handles_errors
+def extract(
+    out: OutOpt,
+    encoder: Annotated[str | None, typer.Option(help="resnet50_trunc (default), texture, timm:<model>, hf-hub:<org>/<model>.")] = None,
+    weights: Annotated[str | None, typer.Option(help="Local .safetensors/.pth file, or 'random'; default: pretrained (needs network or cache).")] = None,
+    config: ConfigOpt = None,
+    batch_size: Annotated[int | None, typer.Option(help="Patches per forward pass (default 64).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Reader processes, each with its own slide handle (default 2).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto (GPU: bf16/fp16; CPU: fp32), fp32, bf16, fp16.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Slide reader: openslide (default) or tiffslide.")] = None,
+    pt: Annotated[bool | None, typer.Option("--pt/--no-pt", help="Also write CLAM's pt_files/<id>.pt.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo slides that already have a complete bag.")] = False,
+) -> None:
+    """Stage 2: encode every tiled patch; writes features/<encoder>/h5_files/<id>.h5."""
+    from wsi_mil.features.cohort import extract_cohort
+
+    overrides = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision,
+                 "backend": backend, "pt": pt}
+    summary = extract_cohort(out, encoder, weights=weights, config=config, overrides=overrides,
+                             overwrite=overwrite, echo=typer.echo)
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 @app.command(epilog="Example: wsi-mil demo --out demo_out")
 @handles_errors
 def demo(
