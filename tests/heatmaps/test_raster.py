@@ -119,3 +119,25 @@ def test_tiff_is_written_tile_by_tile_in_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert full == 64_000_000
     assert peak < full / 8, f"peak {peak / 1e6:.1f} MB"
+
+
+def test_slide_without_patches_still_gets_every_output(tmp_path: Path) -> None:
+    from wsi_mil.heatmaps import write_heatmaps
+    from wsi_mil.io.h5 import read_heatmap_data
+
+    paths = write_heatmaps(
+        tmp_path,
+        "r",
+        "empty",
+        None,
+        np.empty((0, 2)),
+        256,
+        np.empty(0),
+        np.empty((0, 2)),
+        ["a", "b"],
+        HeatmapOptions(zarr=True),
+        slide_dimensions=(5000, 3000),
+        mpp=0.5,
+    )
+    assert set(paths) == {"h5", "png", "tiff", "zarr", "geojson"}
+    assert read_heatmap_data(paths["h5"]).instance_probs.shape == (0, 2)

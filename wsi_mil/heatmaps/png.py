@@ -11,6 +11,8 @@ from wsi_mil.slide import Slide
 
 #: Height of the colour bar under the PNG overlay.
 LEGEND_PX = 28
+#: Rows of the PNG rendered at a time.
+BAND = 256
 GAP = 4
 
 
@@ -43,10 +45,16 @@ def render_overlay(
     ``((j + 0.5) · sx, (i + 0.5) · sy)``; the colour bar only adds rows at the bottom.
     """
     th, tw = thumb.shape[:2]
-    rgba = overlay.rgba(0.0, 0.0, width / tw, height / th, tw, th).astype(np.float32)
-    a = rgba[..., 3:4] / 255.0
-    out = thumb[..., :3].astype(np.float32) * (1 - a) + rgba[..., :3] * a
-    return np.vstack([np.round(out).astype(np.uint8), _legend(overlay.lut, tw, label)])
+    sx, sy = width / tw, height / th
+    out = np.empty((th + LEGEND_PX, tw, 3), np.uint8)
+    for y in range(0, th, BAND):  # bands of rows keep the float temporaries small
+        h = min(BAND, th - y)
+        rgba = overlay.rgba(0.0, y * sy, sx, sy, tw, h).astype(np.float32)
+        a = rgba[..., 3:4] / 255.0
+        blend = thumb[y : y + h, :, :3].astype(np.float32) * (1 - a) + rgba[..., :3] * a
+        out[y : y + h] = np.round(blend).astype(np.uint8)
+    out[th:] = _legend(overlay.lut, tw, label)
+    return out
 
 
 def _legend(lut: np.ndarray, width: int, label: str) -> np.ndarray:

@@ -188,7 +188,6 @@ def render_heatmaps(
     )
     from wsi_mil.heatmaps.raster import build_grid
     from wsi_mil.heatmaps.scores import colour_lut, normalise_scores, select_score
-    from wsi_mil.io.geojson import patch_feature_collection, write_geojson
     from wsi_mil.tiling.thumbnail import write_png
 
     options = options or HeatmapOptions()
@@ -273,10 +272,39 @@ def render_heatmaps(
         measurements[f"{name}_shown"] = shown
     else:
         measurements["attention_shown"] = shown
-    write_geojson(paths["geojson"], patch_feature_collection(data.coords, p0, measurements))
+    write_patch_geojson(paths["geojson"], data.coords, p0, measurements)
     written["geojson"] = paths["geojson"]
     clock.lap("geojson")
     return written
+
+
+def write_patch_geojson(
+    path: str | Path,
+    coords: np.ndarray,
+    patch_size_level0: int,
+    measurements: Mapping[str, np.ndarray],
+    chunk: int = 8192,
+) -> None:
+    """Write the patch squares as a FeatureCollection, ``chunk`` features at a time.
+
+    The same document :func:`wsi_mil.io.geojson.write_geojson` writes for
+    :func:`~wsi_mil.io.geojson.patch_feature_collection`, streamed so that 100,000
+    patches never exist as Python objects at once; written atomically.
+    """
+    import json
+
+    from wsi_mil.io.atomic import atomic_path
+    from wsi_mil.io.geojson import patch_feature_collection
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write('{"type":"FeatureCollection","features":[')
+        for start in range(0, len(coords), chunk):
+            part = {k: np.asarray(v)[start : start + chunk] for k, v in measurements.items()}
+            fc = patch_feature_collection(coords[start : start + chunk], patch_size_level0, part)
+            if start:
+                fh.write(",")
+            fh.write(json.dumps(fc["features"], separators=(",", ":"))[1:-1])
+        fh.write("]}")
 
 
 class _Clock:

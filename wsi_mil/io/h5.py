@@ -221,7 +221,8 @@ def write_heatmap_data(path: str | os.PathLike[str], data: HeatmapData) -> None:
     import h5py
 
     coords = np.asarray(data.coords, dtype=np.int64).reshape(-1, 2)  # (N, 2)
-    probs = np.asarray(data.instance_probs, dtype=np.float32).reshape(len(coords), -1)  # (N, K)
+    k = len(data.class_names)
+    probs = np.asarray(data.instance_probs, dtype=np.float32).reshape(len(coords), k)  # (N, K)
     names = json.dumps(list(data.class_names))
     norm_name = str(data.attrs.get(ATTR_ATTENTION_NORMALISATION, "minmax"))
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
@@ -245,8 +246,8 @@ def read_heatmap_data(path: str | os.PathLike[str]) -> HeatmapData:
             coords = np.asarray(f[COORDS][:], dtype=np.int64).reshape(-1, 2)
             attention = np.asarray(f[ATTENTION][:], dtype=np.float32)
             attention_norm = np.asarray(f[ATTENTION_NORM][:], dtype=np.float32)
-            probs = np.asarray(f[INSTANCE_PROBS][:], dtype=np.float32).reshape(len(coords), -1)
             names = json.loads(_decode(f[INSTANCE_PROBS].attrs[ATTR_CLASS_NAMES]))
+            probs = np.asarray(f[INSTANCE_PROBS][:], np.float32).reshape(len(coords), len(names))
             attrs = {k: _decode(v) for k, v in f.attrs.items() if k != ATTR_CLASS_NAMES}
     except (OSError, KeyError, ValueError) as exc:
         raise BagError(f"{path}: not a readable heatmap file ({exc})") from exc
