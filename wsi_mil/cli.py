@@ -124,6 +124,41 @@ def extract(
         raise typer.Exit(1)
 
 
+@app.command(epilog="Examples: wsi-mil train --out cohort --labels labels.csv\n\n"
+                     "wsi-mil train --out cohort --labels labels.csv --encoder resnet50_trunc --model attention --folds 10")
+@handles_errors
+def train(
+    out: OutOpt,
+    labels: Annotated[Path, typer.Option("--labels", "-l", help="CSV slide_id,label (or case_id,slide_id,label); labels may be class names.")],
+    encoder: Annotated[str | None, typer.Option(help="Feature folder under OUT/features (default: the only one there).")] = None,
+    config: ConfigOpt = None,
+    model: Annotated[str | None, typer.Option(help="loss_attention (default), attention, gated_attention, instance_mean, instance_max, embedding_mean, embedding_max.")] = None,
+    folds: Annotated[int | None, typer.Option(help="Outer cross-validation folds (default 5).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Epochs per fold; the epoch is chosen on validation (default 50).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-4).")] = None,
+    lam: Annotated[float | None, typer.Option("--lambda", help="λ, weight of the attention-weighted instance loss (default 0.1).")] = None,
+    omega: Annotated[float | None, typer.Option(help="ω, weight of the attention consistency cost (default 0 = off).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of splits and initialisation (default 0).")] = None,
+    run_name: Annotated[str | None, typer.Option(help="Folder name under OUT/models (default <encoder>_<model>_<time>).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda.")] = None,
+) -> None:
+    """Stage 3: cross-validate the loss-attention MIL head; writes OUT/models/<run>/."""
+    from wsi_mil.mil.config import load_train_config
+    from wsi_mil.mil.train import resolve_encoder, train_run
+
+    overrides = {"model.name": model, "cv.folds": folds, "optim.epochs": epochs, "optim.lr": lr,
+                 "model.lam": lam, "optim.omega": omega, "cv.seed": seed, "run_name": run_name,
+                 "device": device}
+    cfg = load_train_config(config or "default", overrides)
+    enc = resolve_encoder(out, encoder)
+    run_dir = train_run(out, labels, enc, cfg)
+    import json
+
+    summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+    scores = ", ".join(f"{k} {v['mean']:.3f}±{v['std']:.3f}" for k, v in summary.items())
+    typer.echo(f"trained {cfg.model.name} on {enc} ({cfg.cv.folds}-fold CV: {scores}): {run_dir}")
+
+
 @app.command(epilog="Example: wsi-mil demo --out demo_out")
 @handles_errors
 def demo(

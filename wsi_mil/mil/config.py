@@ -133,7 +133,8 @@ def load_train_config(
     Parameters
     ----------
     path : path-like, optional
-        A YAML file; ``None`` uses the built-in defaults (same as configs/train/default.yaml).
+        A YAML file or a preset name from ``configs/train/`` (``"default"``); ``None`` uses
+        the built-in defaults (the same values as configs/train/default.yaml).
     overrides : dict, optional
         ``{"optim.epochs": 5, "model.name": "attention"}``; flags win over the file.
     """
@@ -141,12 +142,19 @@ def load_train_config(
 
     data: dict[str, Any] = {}
     where = "config"
+    if path is not None and not Path(path).is_file() and not Path(path).suffix:
+        from wsi_mil.config import preset_path  # a preset name such as "default"
+
+        preset = preset_path("train", str(path))
+        if not preset.is_file():
+            raise ConfigError(f"{path}: no such config file or train preset")
+        path = preset
     if path is not None:
         where = str(path)
         try:
             data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+            raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
         if not isinstance(data, dict):

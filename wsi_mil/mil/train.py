@@ -151,7 +151,7 @@ def fit_fold(
                 with torch.no_grad():
                     targets.update(ids, model.outputs(X, mask).attention, mask)
             for k in sums:
-                sums[k] += float(terms[k]) * len(y) / len(train_ds)
+                sums[k] += float(terms[k].detach()) * len(y) / len(train_ds)
         probs = predict_loader(model, val_dl, device)  # (V, K)
         y_val = torch.as_tensor(val_ds.y)
         val_loss = float(F.nll_loss(torch.as_tensor(probs).clamp_min(1e-12).log(), y_val))
@@ -174,6 +174,23 @@ def fit_fold(
         if o.patience and since_best >= o.patience:
             break
     return best_state, history
+
+
+def resolve_encoder(out_dir: str | os.PathLike[str], encoder: str | None) -> str:
+    """The feature folder to train on: ``encoder``, or the only one under ``OUT/features``."""
+    root = Path(out_dir) / "features"
+    found = sorted(p.parent.name for p in root.glob("*/h5_files")) if root.is_dir() else []
+    if encoder:
+        if encoder not in found:
+            listed = ", ".join(found) or "none"
+            raise ConfigError(
+                f"{root / encoder / 'h5_files'}: no such feature folder; found: {listed}"
+            )
+        return encoder
+    if len(found) != 1:
+        what = "no feature folders" if not found else "several encoders: " + ", ".join(found)
+        raise ConfigError(f"{root}: {what}; pass --encoder (and run `wsi-mil extract` first)")
+    return found[0]
 
 
 def _run_name(cfg: TrainConfig, encoder: str) -> str:

