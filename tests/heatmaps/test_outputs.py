@@ -179,3 +179,12 @@ def test_mismatched_inputs_name_the_slide(rendered: Rendered) -> None:
             rendered.probs,
             CLASSES,
         )
+
+
+def test_overlay_describes_what_it_shows(rendered: Rendered) -> None:
+    import zarr
+
+    with tifffile.TiffFile(rendered.paths["tiff"]) as tif:
+        info = json.loads(tif.pages[0].description)["wsi_mil_heatmap"]
+    assert info["score"] == "prob_tumour" and info["slide_dimensions"] == [W, H]
+    assert zarr.open_group(str(rendered.paths["zarr"]), mode="r").attrs["wsi_mil_heatmap"] == info

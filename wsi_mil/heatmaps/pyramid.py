@@ -110,12 +110,16 @@ def write_overlay_tiff(
     slide_mpp: float,
     tile: int = 256,
     compression_level: int = 1,
+    info: dict | None = None,
 ) -> None:
     """Write a tiled pyramidal RGBA TIFF (zlib), one page per level, with µm resolution tags.
 
     Readable by OpenSlide (generic TIFF) and tiffslide; QuPath opens it as an image with
-    the slide's physical size. Written atomically, tile by tile.
+    the slide's physical size. Written atomically, tile by tile. ``info`` (what is shown,
+    colormap, slide) goes as JSON into the first page's ImageDescription.
     """
+    import json
+
     import tifffile
 
     raw = sum(lv.width * lv.height * 4 for lv in levels)
@@ -146,6 +150,7 @@ def write_overlay_tiff(
                 subfiletype=0 if li == 0 else 1,
                 metadata=None,
                 software="wsi-mil heatmap",
+                description=json.dumps({"wsi_mil_heatmap": info}) if info and li == 0 else None,
             )
 
 
@@ -203,6 +208,7 @@ def write_overlay_zarr(
     slide_mpp: float,
     name: str,
     tile: int = 256,
+    info: dict | None = None,
 ) -> None:
     """Write the pyramid as an OME-Zarr 0.4 multiscale group (zarr v2 format, (c, y, x) uint8).
 
@@ -218,6 +224,8 @@ def write_overlay_zarr(
         group = zarr.open_group(str(tmp), mode="w", zarr_format=2)
         group.attrs["multiscales"] = ome_multiscales(name, levels, slide_mpp)
         group.attrs["omero"] = _omero()
+        if info:
+            group.attrs["wsi_mil_heatmap"] = info
         for li, lv in enumerate(levels):
             arr = group.create_array(
                 str(li),

@@ -254,14 +254,32 @@ def render_heatmaps(
             slide.close()
 
     overlay = Overlay(grid, lut_full, clip, tissue, interp)
+    info = {
+        "slide_id": sid,
+        "run": run,
+        "score": name,
+        "normalise": options.normalise,
+        "colormap": options.colormap,
+        "clip": clip,
+        "smooth_um": options.smooth_um,
+        "slide_dimensions": [width, height],
+        "slide_mpp": slide_mpp,
+        "patch_size_level0": p0,
+    }
     levels = overlay_levels(width, height, p0 / options.tiff_px_per_patch, options.tile_size)
     write_overlay_tiff(
-        paths["tiff"], overlay, levels, slide_mpp, options.tile_size, options.compression_level
+        paths["tiff"],
+        overlay,
+        levels,
+        slide_mpp,
+        options.tile_size,
+        options.compression_level,
+        info,
     )
     written["tiff"] = paths["tiff"]
     clock.lap("tiff")
     if options.zarr:
-        write_overlay_zarr(paths["zarr"], overlay, levels, slide_mpp, sid, options.tile_size)
+        write_overlay_zarr(paths["zarr"], overlay, levels, slide_mpp, sid, options.tile_size, info)
         written["zarr"] = paths["zarr"]
         clock.lap("zarr")
 
