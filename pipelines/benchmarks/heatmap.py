@@ -5,7 +5,7 @@
 The slide is synthetic and written at 4 µm/px (10,240² px) so that a 256-px patch at
 0.5 µm/px is 32 level-0 pixels: the 100,000 patches span the same physical extent, and
 give the same overlay sizes (TIFF base = 16 px per patch), GeoJSON and HDF5 as an
-80,000²-px slide scanned at 0.5 µm/px, without writing a 6-gigapixel file first. Each
+81,920²-px slide scanned at 0.5 µm/px, without writing a 6.7-gigapixel file. Each
 scenario runs in a fresh process so its peak memory (max RSS) is its own. Prints a table
 and writes results/heatmap.json.
 """
@@ -183,7 +183,7 @@ def main() -> None:
             "peak_rss_mb",
         ]
         print(
-            f"\n{args.patches} patches, 256 px at 0.5 µm/px (virtual 80,000² px extent), "
+            f"\n{args.patches} patches, 256 px at 0.5 µm/px (extent of an 81,920² px slide), "
             f"median of {args.repeats}; steps from the fastest run"
         )
         print_table(rows, cols)

@@ -188,3 +188,13 @@ def test_overlay_describes_what_it_shows(rendered: Rendered) -> None:
         info = json.loads(tif.pages[0].description)["wsi_mil_heatmap"]
     assert info["score"] == "prob_tumour" and info["slide_dimensions"] == [W, H]
     assert zarr.open_group(str(rendered.paths["zarr"]), mode="r").attrs["wsi_mil_heatmap"] == info
+
+
+def test_render_without_the_slide_uses_the_stored_thumbnail(rendered: Rendered) -> None:
+    data = h5.read_heatmap_data(rendered.paths["h5"])
+    paths = render_heatmaps(rendered.out, "noslide", data, None, HeatmapOptions(alpha=0.0))
+    assert set(paths) == {"png", "tiff", "geojson"}  # no gallery without the slide
+    png = cv2.imread(str(paths["png"]))
+    stored = cv2.imread(str(rendered.out / "thumbnails" / "tumour_a.png"))
+    assert png.shape[1] == 2048
+    assert abs(float(png[:1536].mean()) - float(stored.mean())) < 5  # the thumbnail, not white

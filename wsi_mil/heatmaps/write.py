@@ -107,7 +107,8 @@ def write_heatmaps(
         The slide's id.
     slide_path : path-like or None
         The slide, for its size, mpp, thumbnail and gallery patches. ``None`` needs
-        ``slide_dimensions`` and ``mpp`` and skips the gallery (the PNG gets a white background).
+        ``slide_dimensions`` and ``mpp`` and skips the gallery; the PNG is then drawn on
+        ``OUT/thumbnails/<id>.png`` if it exists, else on white.
     coords : ndarray
         (N, 2) level-0 top-left (x, y) of each patch, in the bag's order.
     patch_size_level0 : int
@@ -232,8 +233,10 @@ def render_heatmaps(
         if slide is not None:
             thumb = read_thumbnail(slide, options.png_max)
         else:
-            tw, th = thumbnail_size(width, height, options.png_max)
-            thumb = np.full((th, tw, 3), 255, np.uint8)
+            thumb = _stored_thumbnail(
+                Path(out) / "thumbnails" / f"{sid}.png",
+                thumbnail_size(width, height, options.png_max),
+            )
         overlay_png = Overlay(grid, lut_png, clip, tissue, interp)
         write_png(
             paths["png"],
@@ -336,6 +339,16 @@ class _Clock:
         if self.timings is not None:
             self.timings[key] = now - self.t
         self.t = now
+
+
+def _stored_thumbnail(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """Stage 1's ``thumbnails/<id>.png`` (contours drawn) at ``size``, else white."""
+    import cv2
+
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR) if path.exists() else None
+    if img is None:
+        return np.full((size[1], size[0], 3), 255, np.uint8)
+    return cv2.resize(img[..., ::-1], size, interpolation=cv2.INTER_AREA)
 
 
 def _open(slide_id: str, path: str | Path, backend: str, mpp: float | None) -> Any:
