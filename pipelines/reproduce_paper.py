@@ -117,10 +117,12 @@ def benchmark_job(
     for r in range(repeats):
         outer = StratifiedKFold(s.folds, shuffle=True, random_state=r)
         for k, (tr, te) in enumerate(outer.split(np.zeros(len(y)), y)):
-            if protocol == "published":
+            if protocol in ("published", "published_z"):
                 train_sets.append(tr)
                 eval_sets.append(te)
-                stats.append(None)  # raw features, as the paper
+                # "published": raw features, as the paper; "published_z": z-scored with
+                # the training folds' statistics.
+                stats.append(_train_stats(bags, tr) if protocol == "published_z" else None)
                 meta.append((r, k, -1, len(te), 0))
                 continue
             inner = StratifiedKFold(s.inner_folds, shuffle=True, random_state=100 + 10 * r + k)
@@ -158,23 +160,20 @@ def benchmark_job(
     return f"{path.name}: {res.seconds:.0f} s"
 
 
-def _jobs(quick: bool) -> list[tuple[str, str, str, int]]:
+def _jobs(quick: bool, repeats: int, honest_repeats: int) -> list[tuple[str, str, str, int]]:
+    """Jobs in priority order: what the issue's targets need first, then the rest."""
     if quick:
         return [
             ("musk1", a, p, 1)
             for a in ("loss_attention", "attention")
             for p in ("published", "honest")
         ]
-    jobs = []
-    # Priority order: what the targets need first, then the rest of the table.
+    jobs = [(d, "loss_attention", "published", repeats) for d in DATASETS]
     for d in DATASETS:
-        jobs.append((d, "loss_attention", "published", 5))
+        jobs += [(d, a, "honest", honest_repeats) for a in ("loss_attention", "attention")]
+    jobs += [(d, "attention", "published", repeats) for d in DATASETS]
     for d in DATASETS:
-        jobs += [(d, "loss_attention", "honest", 1), (d, "attention", "honest", 1)]
-    for d in DATASETS:
-        jobs.append((d, "attention", "published", 5))
-    for d in DATASETS:
-        jobs += [(d, "gated_attention", "published", 1), (d, "gated_attention", "honest", 1)]
+        jobs += [(d, "gated_attention", p, 1) for p in ("published", "honest")]
     return jobs
 
 
@@ -190,6 +189,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--results", type=Path, default=None, help="where job files go")
     ap.add_argument("--docs", type=Path, default=None, help="where the report goes")
     ap.add_argument("--only", choices=("benchmarks", "digits"), default=None)
+    ap.add_argument("--repeats", type=int, default=5, help="repeats of 10-fold CV, as published")
+    ap.add_argument("--honest-repeats", type=int, default=1, help="repeats, honest protocol")
+    ap.add_argument(
+        "--jobs",
+        default=None,
+        help="explicit jobs 'dataset:arch:protocol:repeats,...' (protocol: published, "
+        "published_z, honest); default: all, in priority order",
+    )
     args = ap.parse_args(argv)
     quick = args.quick
     results = args.results or ROOT / "pipelines" / "results" / ("quick" if quick else "full")
@@ -199,7 +206,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     if not args.report:
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
-            jobs = [] if args.only == "digits" else _jobs(quick)
+            jobs = [] if args.only == "digits" else _jobs(quick, args.repeats, args.honest_repeats)
+            if args.jobs:
+                jobs = [
+                    (d, a, p, int(r)) for d, a, p, r in (j.split(":") for j in args.jobs.split(","))
+                ]
             futs = [pool.submit(benchmark_job, d, a, p, r, s, results) for d, a, p, r in jobs[:1]]
             if args.only != "benchmarks":  # second in the queue: one worker takes it early
                 futs.append(pool.submit(digits_experiment, results, quick))
