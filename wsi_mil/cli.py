@@ -106,7 +106,7 @@ def extract(
     weights: Annotated[str | None, typer.Option(help="Local .safetensors/.pth file, or 'random'; default: pretrained (needs network or cache).")] = None,
     config: ConfigOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Patches per forward pass (default 64).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Reader processes, each with its own slide handle (default 2).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Reader processes, each with its own slide handle (default -1: 2 on CPU, up to 8 on GPU).")] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto (GPU: bf16/fp16; CPU: fp32), fp32, bf16, fp16.")] = None,
     backend: Annotated[str | None, typer.Option(help="Slide reader: openslide (default) or tiffslide.")] = None,

@@ -35,7 +35,8 @@ class ExtractConfig:
     batch_size : int
         Patches per forward pass.
     workers : int
-        DataLoader reader processes (0 reads in the main process).
+        DataLoader reader processes (0 reads in the main process; -1: 2 on CPU, where the
+        model is the bottleneck, and up to 8 on GPU).
     device : str
         ``auto`` (CUDA if present), ``cpu``, ``cuda``, ``cuda:N``.
     precision : str
@@ -55,7 +56,7 @@ class ExtractConfig:
     encoder: str = "resnet50_trunc"
     weights: str | None = None
     batch_size: int = 64
-    workers: int = 2
+    workers: int = -1
     device: str = "auto"
     precision: str = "auto"
     backend: str = "openslide"
@@ -67,8 +68,8 @@ class ExtractConfig:
     pt: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.workers < 0 or self.supertile < 1:
-            raise ConfigError("batch_size and supertile must be ≥ 1 and workers ≥ 0")
+        if self.batch_size < 1 or self.workers < -1 or self.supertile < 1:
+            raise ConfigError("batch_size and supertile must be ≥ 1 and workers ≥ -1 (auto)")
         if not 0.0 <= self.max_unreadable < 1.0:
             raise ConfigError(f"max_unreadable must be in [0, 1), got {self.max_unreadable}")
 
@@ -83,6 +84,15 @@ class ExtractResult:
     n_unreadable: int
     seconds: float
     patches_per_s: float
+
+
+def resolve_workers(workers: int, cuda: bool) -> int:
+    """Reader processes: as given, or for -1 two on CPU and up to eight on GPU."""
+    import os
+
+    if workers >= 0:
+        return workers
+    return min(8, os.cpu_count() or 1) if cuda else 2
 
 
 def encoder_dirname(name: str) -> str:
@@ -198,7 +208,8 @@ def extract_slide(
             stream = PatchStream(
                 plan, pf.coords, make_groups(pf.coords, size0, cfg.supertile), cfg.batch_size
             )
-            loader = make_loader(stream, cfg.workers, pin_memory=runner.device.type == "cuda")
+            cuda = runner.device.type == "cuda"
+            loader = make_loader(stream, resolve_workers(cfg.workers, cuda), pin_memory=cuda)
             done = 0
             for images, rows, failed in loader:
                 if len(failed):

@@ -110,6 +110,8 @@ class Runner:
         model = model.to(self.device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        self.compiled = bool(compile)
+        self._shape: tuple[int, ...] | None = None
         if compile:
             model = torch.compile(model)
         self.model = model
@@ -134,6 +136,13 @@ class Runner:
         """Features of one batch as float32 (b, D)."""
         import torch
 
+        b = len(images)
+        if self.compiled and self._shape is not None and b < self._shape[0]:
+            # A compiled model recompiles for every new shape: pad the last batch instead.
+            pad = images.new_zeros((self._shape[0] - b, *images.shape[1:]))
+            images = torch.cat([images, pad])
+        elif self.compiled and (self._shape is None or b > self._shape[0]):
+            self._shape = tuple(images.shape)
         with torch.inference_mode():
             x = self.prepare(images)
             if self._amp is not None:
@@ -141,7 +150,7 @@ class Runner:
                     y = self.model(x)
             else:
                 y = self.model(x)
-            return y.float().cpu().numpy()  # (b, D)
+            return y[:b].float().cpu().numpy()  # (b, D)
 
     def describe(self) -> dict[str, Any]:
         """Runtime settings recorded in bag attributes."""
