@@ -207,9 +207,11 @@ def train_lockstep(
             total = 0.0
             for g in _groups(sizes_all[picks], max_groups):
                 X, mask = _pad([bags[i] for i in picks[g]])  # (G, N, D), (G, N)
+                # g is sorted by bag size: the parameters must follow the same order.
+                identity = len(g) == M and bool(np.all(g == np.arange(M)))
                 gi = torch.as_tensor(g)
-                p_g = {k: v[gi] for k, v in params.items()} if len(g) < M else params
-                b_g = {k: v[gi] for k, v in buffers.items()} if len(g) < M else buffers
+                p_g = params if identity else {k: v[gi] for k, v in params.items()}
+                b_g = buffers if identity else {k: v[gi] for k, v in buffers.items()}
                 y = labels_t[picks[g]].unsqueeze(1)  # (G, 1)
                 loss = batched_loss(p_g, b_g, y, X.unsqueeze(1), mask.unsqueeze(1))  # (G,)
                 total = total + (loss * torch.as_tensor(active[g], dtype=loss.dtype)).sum()

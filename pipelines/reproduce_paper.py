@@ -110,7 +110,7 @@ def benchmark_job(
 
     torch.set_num_threads(s.threads)
     path = out / f"{dataset}_{arch}_{protocol}.npz"
-    if path.exists():
+    if path.exists() and path.stat().st_size:  # an empty file is a placeholder: run it
         return f"{path.name}: exists"
     bags, y = load_mil_csv(dataset)
     train_sets, eval_sets, stats, meta = [], [], [], []
