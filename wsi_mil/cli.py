@@ -111,13 +111,14 @@ def extract(
     precision: Annotated[str | None, typer.Option(help="auto (GPU: bf16/fp16; CPU: fp32), fp32, bf16, fp16.")] = None,
     backend: Annotated[str | None, typer.Option(help="Slide reader: openslide (default) or tiffslide.")] = None,
     pt: Annotated[bool | None, typer.Option("--pt/--no-pt", help="Also write CLAM's pt_files/<id>.pt.")] = None,
+    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the encoder (about 10% faster on CPU, ~40 s to start).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Redo slides that already have a complete bag.")] = False,
 ) -> None:
     """Stage 2: encode every tiled patch; writes features/<encoder>/h5_files/<id>.h5."""
     from wsi_mil.features.cohort import extract_cohort
 
     overrides = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision,
-                 "backend": backend, "pt": pt}
+                 "backend": backend, "pt": pt, "compile": compile}
     summary = extract_cohort(out, encoder, weights=weights, config=config, overrides=overrides,
                              overwrite=overwrite, echo=typer.echo)
     if summary.failed:

@@ -72,3 +72,16 @@ def test_cli_extract(tiled: Path, tmp_path: Path) -> None:
     assert res.exit_code == 1 and "unknown encoder 'nope'" in res.output
     res = runner.invoke(app, ["extract", "--out", str(tmp_path / "empty"), "--encoder", "texture"])
     assert res.exit_code == 1 and "no patch files" in res.output
+
+
+def test_slide_without_patches_gives_an_empty_bag(tiled: Path, tmp_path: Path) -> None:
+    from wsi_mil.features.cohort import extract_cohort
+
+    pf = h5.read_patches(tiled / "patches" / "nor.h5")
+    out = tmp_path / "out"
+    h5.write_patches(out / "patches" / "nor.h5", np.empty((0, 2), np.int64), pf.attrs)
+    summary = extract_cohort(out, "texture", overrides={"workers": 0}, progress=False)
+    assert summary.empty == ["nor"] and not summary.failed
+    bag = h5.read_bag(out / "features" / "texture" / "h5_files" / "nor.h5")
+    assert bag.features.shape == (0, summary.dim) and bag.coords.shape == (0, 2)
+    assert extract_cohort(out, "texture", progress=False).skipped == ["nor"]
