@@ -29,6 +29,7 @@ def tissue_feature_collection(
         QuPath classification name.
     """
     from shapely.geometry import Polygon, mapping
+    from shapely.ops import unary_union
     from shapely.validation import make_valid
 
     features = []
@@ -37,7 +38,10 @@ def tissue_feature_collection(
             continue
         poly = Polygon(exterior, [h for h in holes if len(h) >= 3])
         if not poly.is_valid:
-            poly = make_valid(poly)
+            # Self-touching contours: keep only the polygonal parts of the repair.
+            fixed = make_valid(poly)
+            parts = [g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type in ("Polygon", "MultiPolygon")]
+            poly = unary_union(parts) if parts else Polygon()
         if simplify_tolerance > 0:
             poly = poly.simplify(simplify_tolerance, preserve_topology=True)
         if poly.is_empty:
