@@ -32,5 +32,8 @@ def run_demo(out: str | Path, n_slides: int = 4, echo: Callable[[str], None] = p
     echo(f"writing {n_slides} synthetic slides to {out / 'slides'} ...")
     make_cohort(out / "slides", n_slides)
     tile_cohort([out / "slides"], out, echo=echo)
+    from wsi_mil.features import extract_cohort
+
+    extract_cohort(out, "texture", echo=echo)
     echo(f"outputs: patches in {out / 'patches'}, tissue masks (GeoJSON, QuPath) in {out / 'masks'}, "
-         f"thumbnails in {out / 'thumbnails'}, status in {out / 'status.csv'}")
+         f"thumbnails in {out / 'thumbnails'}, feature bags in {out / 'features' / 'texture' / 'h5_files'}, status in {out / 'status.csv'}")
