@@ -18,18 +18,19 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, save_json  # noqa: E402
+from _common import print_table, save_json
 
-from wsi_mil.io.h5 import read_patches  # noqa: E402
-from wsi_mil.synthetic import SyntheticSpec, load_truth, write_synthetic_slide  # noqa: E402
-from wsi_mil.tiling.run import TileConfig, tile_slide  # noqa: E402
+from wsi_mil.io.h5 import read_patches
+from wsi_mil.synthetic import SyntheticSpec, load_truth, write_synthetic_slide
+from wsi_mil.tiling.run import TileConfig, tile_slide
 
 CLAM_SECONDS = {"segment": 0.98, "tile": 0.22, "total": 1.2}  # issue 2, this machine's kind
 
 
 def quality(slide: Path, out: Path, slide_id: str, min_tissue: float) -> dict[str, float]:
-    import cv2
     import json
+
+    import cv2
     from shapely.geometry import shape
 
     truth = load_truth(slide)

@@ -72,6 +72,5 @@ def test_bad_files(tmp_path: Path, tumour_slide: tuple[Path, object], backend: s
         open_slide(text, backend)
     trunc = tmp_path / "trunc.tif"
     trunc.write_bytes(tumour_slide[0].read_bytes()[:4000])
-    with pytest.raises(SlideError, match="trunc"):
-        with open_slide(trunc, backend) as s:
-            s.read_level(s.level_count - 1)
+    with pytest.raises(SlideError, match="trunc"), open_slide(trunc, backend) as s:
+        s.read_level(s.level_count - 1)

@@ -95,12 +95,11 @@ def write_patches(path: str | os.PathLike[str], coords: np.ndarray, attrs: Mappi
     import h5py
 
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)  # (N, 2)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            dset = f.create_dataset(COORDS, data=coords, maxshape=(None, 2), chunks=(4096, 2) if len(coords) else None)
-            for key, value in attrs.items():
-                dset.attrs[key] = _attr_value(value)
-                f.attrs[key] = _attr_value(value)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        dset = f.create_dataset(COORDS, data=coords, maxshape=(None, 2), chunks=(4096, 2) if len(coords) else None)
+        for key, value in attrs.items():
+            dset.attrs[key] = _attr_value(value)
+            f.attrs[key] = _attr_value(value)
 
 
 def read_patches(path: str | os.PathLike[str]) -> PatchFile:
@@ -158,12 +157,11 @@ def write_bag(
     coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)  # (N, 2)
     if len(features) != len(coords):
         raise BagError(f"{path}: {len(features)} feature rows but {len(coords)} coords")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset(FEATURES, data=features)
-            f.create_dataset(COORDS, data=coords)
-            for key, value in attrs.items():
-                f.attrs[key] = _attr_value(value)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset(FEATURES, data=features)
+        f.create_dataset(COORDS, data=coords)
+        for key, value in attrs.items():
+            f.attrs[key] = _attr_value(value)
 
 
 # ---------------------------------------------------------------------------------------

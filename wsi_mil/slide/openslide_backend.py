@@ -10,7 +10,7 @@ from wsi_mil.errors import SlideError
 from wsi_mil.slide.base import Mpp, Slide, slide_id_from_path
 
 
-def _import_openslide():  # noqa: ANN202 - module object
+def _import_openslide():
     try:
         import openslide
     except ImportError as exc:  # pragma: no cover - depends on the install

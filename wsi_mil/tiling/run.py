@@ -10,8 +10,8 @@ import numpy as np
 
 from wsi_mil.errors import ConfigError, SlideError
 from wsi_mil.io import h5
-from wsi_mil.tissue.segment import SegmentConfig, segment_tissue
 from wsi_mil.tiling.grid import box_fractions, grid_coords, patch_geometry
+from wsi_mil.tissue.segment import SegmentConfig, segment_tissue
 
 
 @dataclass(frozen=True)
