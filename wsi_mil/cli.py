@@ -75,11 +75,15 @@ def click_context() -> Any:
 @app.command(epilog="Example: wsi-mil tile slides/ extra.csv --out cohort --config biopsy")
 @handles_errors
 def tile(
-    slides: Annotated[list[str], typer.Argument(help="Slide files, folders, or CSVs with a 'path' column (optional 'mpp').")],
+    slides: Annotated[
+        list[str], typer.Argument(help="Slide files, folders, or CSVs with a 'path' column (optional 'mpp').")
+    ],
     out: OutOpt,
     config: ConfigOpt = None,
     backend: Annotated[str | None, typer.Option(help="Slide reader: openslide (default) or tiffslide.")] = None,
-    mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides without metadata (a CSV 'mpp' column wins).")] = None,
+    mpp: Annotated[
+        float | None, typer.Option(help="Level-0 µm/px for slides without metadata (a CSV 'mpp' column wins).")
+    ] = None,
     patch_size: Annotated[int | None, typer.Option(help="Patch side in px at --target-mpp (default 256).")] = None,
     target_mpp: Annotated[float | None, typer.Option(help="µm/px of the patches (default 0.5, i.e. 20×).")] = None,
     overlap: Annotated[float | None, typer.Option(help="Overlap between neighbouring patches, in [0, 1).")] = None,
@@ -89,67 +93,127 @@ def tile(
     """Stage 1: segment tissue and tile patches in µm; writes patches/, masks/, thumbnails/."""
     from wsi_mil.tiling.cohort import tile_cohort
 
-    overrides = {"backend": backend, "patch_size": patch_size, "target_mpp": target_mpp,
-                 "overlap": overlap, "min_tissue": min_tissue}
-    summary = tile_cohort(slides, out, config=config, overrides=overrides, mpp=mpp, overwrite=overwrite,
-                          echo=typer.echo)
+    overrides = {
+        "backend": backend,
+        "patch_size": patch_size,
+        "target_mpp": target_mpp,
+        "overlap": overlap,
+        "min_tissue": min_tissue,
+    }
+    summary = tile_cohort(
+        slides, out, config=config, overrides=overrides, mpp=mpp, overwrite=overwrite, echo=typer.echo
+    )
     if summary.failed:
         raise typer.Exit(1)
 
 
-@app.command(epilog="Examples: wsi-mil extract --out cohort --encoder resnet50_trunc --weights r50.safetensors\n\n"
-                     "wsi-mil extract --out cohort --encoder texture   (built-in, no download)")
+@app.command(
+    epilog="Examples: wsi-mil extract --out cohort --encoder resnet50_trunc --weights r50.safetensors\n\n"
+    "wsi-mil extract --out cohort --encoder texture   (built-in, no download)"
+)
 @handles_errors
 def extract(
     out: OutOpt,
-    encoder: Annotated[str | None, typer.Option(help="resnet50_trunc (default), texture, timm:<model>, hf-hub:<org>/<model>.")] = None,
-    weights: Annotated[str | None, typer.Option(help="Local .safetensors/.pth file, or 'random'; default: pretrained (needs network or cache).")] = None,
+    encoder: Annotated[
+        str | None, typer.Option(help="resnet50_trunc (default), texture, timm:<model>, hf-hub:<org>/<model>.")
+    ] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(help="Local .safetensors/.pth file, or 'random'; default: pretrained (needs network or cache)."),
+    ] = None,
     config: ConfigOpt = None,
     batch_size: Annotated[int | None, typer.Option(help="Patches per forward pass (default 64).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Reader processes, each with its own slide handle (default -1: 2 on CPU, up to 8 on GPU).")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Reader processes, each with its own slide handle (default -1: 2 on CPU, up to 8 on GPU)."),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto (GPU: bf16/fp16; CPU: fp32), fp32, bf16, fp16.")] = None,
     backend: Annotated[str | None, typer.Option(help="Slide reader: openslide (default) or tiffslide.")] = None,
     pt: Annotated[bool | None, typer.Option("--pt/--no-pt", help="Also write CLAM's pt_files/<id>.pt.")] = None,
-    compile: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile the encoder (about 10% faster on CPU, ~40 s to start).")] = None,
+    compile: Annotated[
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile", help="torch.compile the encoder (about 10% faster on CPU, ~40 s to start)."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Redo slides that already have a complete bag.")] = False,
 ) -> None:
     """Stage 2: encode every tiled patch; writes features/<encoder>/h5_files/<id>.h5."""
     from wsi_mil.features.cohort import extract_cohort
 
-    overrides = {"batch_size": batch_size, "workers": workers, "device": device, "precision": precision,
-                 "backend": backend, "pt": pt, "compile": compile}
-    summary = extract_cohort(out, encoder, weights=weights, config=config, overrides=overrides,
-                             overwrite=overwrite, echo=typer.echo)
+    overrides = {
+        "batch_size": batch_size,
+        "workers": workers,
+        "device": device,
+        "precision": precision,
+        "backend": backend,
+        "pt": pt,
+        "compile": compile,
+    }
+    summary = extract_cohort(
+        out, encoder, weights=weights, config=config, overrides=overrides, overwrite=overwrite, echo=typer.echo
+    )
     if summary.failed:
         raise typer.Exit(1)
 
 
-@app.command(epilog="Examples: wsi-mil train --out cohort --labels labels.csv\n\n"
-                     "wsi-mil train --out cohort --labels labels.csv --encoder resnet50_trunc --model attention --folds 10")
+@app.command(
+    epilog="Examples: wsi-mil train --out cohort --labels labels.csv\n\n"
+    "wsi-mil train --out cohort --labels labels.csv --encoder resnet50_trunc --model attention --folds 10"
+)
 @handles_errors
 def train(
     out: OutOpt,
-    labels: Annotated[Path, typer.Option("--labels", "-l", help="CSV slide_id,label (or case_id,slide_id,label); labels may be class names.")],
-    encoder: Annotated[str | None, typer.Option(help="Feature folder under OUT/features (default: the only one there).")] = None,
+    labels: Annotated[
+        Path,
+        typer.Option(
+            "--labels", "-l", help="CSV slide_id,label (or case_id,slide_id,label); labels may be class names."
+        ),
+    ],
+    encoder: Annotated[
+        str | None, typer.Option(help="Feature folder under OUT/features (default: the only one there).")
+    ] = None,
     config: ConfigOpt = None,
-    model: Annotated[str | None, typer.Option(help="loss_attention (default), attention, gated_attention, instance_mean, instance_max, embedding_mean, embedding_max.")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="loss_attention (default), attention, gated_attention, instance_mean, instance_max, "
+            "embedding_mean, embedding_max."
+        ),
+    ] = None,
     folds: Annotated[int | None, typer.Option(help="Outer cross-validation folds (default 5).")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Epochs per fold; the epoch is chosen on validation (default 50).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Epochs per fold; the epoch is chosen on validation (default 50).")
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (default 1e-4).")] = None,
-    lam: Annotated[float | None, typer.Option("--lambda", help="λ, weight of the attention-weighted instance loss (default 0.1).")] = None,
-    omega: Annotated[float | None, typer.Option(help="ω, weight of the attention consistency cost (default 0 = off).")] = None,
+    lam: Annotated[
+        float | None, typer.Option("--lambda", help="λ, weight of the attention-weighted instance loss (default 0.1).")
+    ] = None,
+    omega: Annotated[
+        float | None, typer.Option(help="ω, weight of the attention consistency cost (default 0 = off).")
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of splits and initialisation (default 0).")] = None,
-    run_name: Annotated[str | None, typer.Option(help="Folder name under OUT/models (default <encoder>_<model>_<time>).")] = None,
+    run_name: Annotated[
+        str | None, typer.Option(help="Folder name under OUT/models (default <encoder>_<model>_<time>).")
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda.")] = None,
 ) -> None:
     """Stage 3: cross-validate the loss-attention MIL head; writes OUT/models/<run>/."""
     from wsi_mil.mil.config import load_train_config
     from wsi_mil.mil.train import resolve_encoder, train_run
 
-    overrides = {"model.name": model, "cv.folds": folds, "optim.epochs": epochs, "optim.lr": lr,
-                 "model.lam": lam, "optim.omega": omega, "cv.seed": seed, "run_name": run_name,
-                 "device": device}
+    overrides = {
+        "model.name": model,
+        "cv.folds": folds,
+        "optim.epochs": epochs,
+        "optim.lr": lr,
+        "model.lam": lam,
+        "optim.omega": omega,
+        "cv.seed": seed,
+        "run_name": run_name,
+        "device": device,
+    }
     cfg = load_train_config(config or "default", overrides)
     enc = resolve_encoder(out, encoder)
     run_dir = train_run(out, labels, enc, cfg)

@@ -18,8 +18,10 @@ def make_cohort(folder: str | Path, n_slides: int, seed: int = 0, size: tuple[in
         p = folder / f"{'tumour' if tumour else 'normal'}_{i:03d}.tif"
         if not p.exists():
             pen = ("green",) if i % 3 == 0 else ()
-            write_synthetic_slide(p, SyntheticSpec(width=size[0], height=size[1], tumour=tumour, pen=pen,
-                                                   n_tissue=2 + i % 2, seed=seed + i))
+            write_synthetic_slide(
+                p,
+                SyntheticSpec(width=size[0], height=size[1], tumour=tumour, pen=pen, n_tissue=2 + i % 2, seed=seed + i),
+            )
         paths.append(p)
     return paths
 
@@ -35,5 +37,8 @@ def run_demo(out: str | Path, n_slides: int = 4, echo: Callable[[str], None] = p
     from wsi_mil.features import extract_cohort
 
     extract_cohort(out, "texture", echo=echo)
-    echo(f"outputs: patches in {out / 'patches'}, tissue masks (GeoJSON, QuPath) in {out / 'masks'}, "
-         f"thumbnails in {out / 'thumbnails'}, feature bags in {out / 'features' / 'texture' / 'h5_files'}, status in {out / 'status.csv'}")
+    echo(
+        f"outputs: patches in {out / 'patches'}, tissue masks (GeoJSON, QuPath) in {out / 'masks'}, "
+        f"thumbnails in {out / 'thumbnails'}, feature bags in {out / 'features' / 'texture' / 'h5_files'}, "
+        f"status in {out / 'status.csv'}"
+    )

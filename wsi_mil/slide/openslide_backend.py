@@ -14,9 +14,7 @@ def _import_openslide():
     try:
         import openslide
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise SlideError(
-            "-", "openslide-python is not importable; pip install openslide-python openslide-bin"
-        ) from exc
+        raise SlideError("-", "openslide-python is not importable; pip install openslide-python openslide-bin") from exc
     return openslide
 
 
@@ -74,7 +72,9 @@ class OpenSlideSlide(Slide):
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         openslide = _import_openslide()
         try:
-            rgba = np.asarray(self._osr.read_region((int(location[0]), int(location[1])), level, (int(size[0]), int(size[1]))))
+            rgba = np.asarray(
+                self._osr.read_region((int(location[0]), int(location[1])), level, (int(size[0]), int(size[1])))
+            )
         except openslide.OpenSlideError as exc:
             raise SlideError(self.slide_id, f"cannot read region {tuple(location)} of {self.path} ({exc})") from exc
         # Outside the slide OpenSlide returns transparent black; show it as white glass.

@@ -85,8 +85,14 @@ def is_tiled(out: Path, slide_id: str) -> bool:
     return True
 
 
-def tile_slide(path: str | Path, out: str | Path, cfg: TileConfig | None = None,
-               mpp: float | None = None, mpp_source: str = "cli", slide_id: str | None = None) -> TileResult:
+def tile_slide(
+    path: str | Path,
+    out: str | Path,
+    cfg: TileConfig | None = None,
+    mpp: float | None = None,
+    mpp_source: str = "cli",
+    slide_id: str | None = None,
+) -> TileResult:
     """Tile one slide into ``OUT/patches``, ``OUT/masks`` and ``OUT/thumbnails``.
 
     Parameters
@@ -125,8 +131,9 @@ def tile_slide(path: str | Path, out: str | Path, cfg: TileConfig | None = None,
         width, height = slide.dimensions
         geom = patch_geometry(slide_mpp.mean, cfg.target_mpp, cfg.patch_size, slide.level_downsamples, cfg.overlap)
         if width < geom.size_level0 or height < geom.size_level0:
-            raise SlideError(sid, f"{path} is {width}×{height} px, smaller than one patch "
-                                  f"({geom.size_level0} px at level 0)")
+            raise SlideError(
+                sid, f"{path} is {width}×{height} px, smaller than one patch ({geom.size_level0} px at level 0)"
+            )
         timings["open"] = time.perf_counter() - t0
 
         t = time.perf_counter()
@@ -174,7 +181,9 @@ def tile_slide(path: str | Path, out: str | Path, cfg: TileConfig | None = None,
     tol = cfg.simplify_um / slide_mpp.mean
     write_geojson(out / "masks" / f"{sid}.geojson", tissue_feature_collection(tissue.polygons, tol))
     thumb, tscale = _thumbnail(rgb, scale, cfg.thumbnail_max)
-    write_png(out / "thumbnails" / f"{sid}.png", draw_thumbnail(thumb, tscale, tissue.polygons, coords, geom.size_level0))
+    write_png(
+        out / "thumbnails" / f"{sid}.png", draw_thumbnail(thumb, tscale, tissue.polygons, coords, geom.size_level0)
+    )
     timings["write"] = time.perf_counter() - t
     return TileResult(sid, "done" if len(coords) else "empty", len(coords), slide_mpp.mean, slide_mpp.source, timings)
 

@@ -127,7 +127,11 @@ def segment_tissue(rgb: np.ndarray, mpp: float, scale: float, cfg: SegmentConfig
     ink = pen_mask(rgb) if cfg.exclude_pen else np.zeros(sat.shape, bool)
     if cfg.threshold == "otsu":
         valid = sat[~ink]
-        thr, _ = cv2.threshold(valid.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU) if valid.size else (255, None)
+        thr, _ = (
+            cv2.threshold(valid.reshape(1, -1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+            if valid.size
+            else (255, None)
+        )
         thr = max(float(thr), float(cfg.sat_threshold))
     else:
         thr = float(cfg.sat_threshold)
@@ -141,9 +145,7 @@ def segment_tissue(rgb: np.ndarray, mpp: float, scale: float, cfg: SegmentConfig
         cv2.fillPoly(mask, [outer], 1)
         if holes:
             cv2.fillPoly(mask, holes, 0)
-    polygons = [
-        (_to_level0(outer, scale), [_to_level0(h, scale) for h in holes]) for outer, holes in polygons_px
-    ]
+    polygons = [(_to_level0(outer, scale), [_to_level0(h, scale) for h in holes]) for outer, holes in polygons_px]
     return TissueMask(mask=mask.astype(bool), scale=scale, mpp=mpp, polygons=polygons, threshold=thr)
 
 
@@ -152,9 +154,7 @@ def _to_level0(contour: np.ndarray, scale: float) -> np.ndarray:
     return (contour.reshape(-1, 2).astype(np.float64) + 0.5) * scale
 
 
-def _filtered_contours(
-    binary: np.ndarray, mpp: float, cfg: SegmentConfig
-) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+def _filtered_contours(binary: np.ndarray, mpp: float, cfg: SegmentConfig) -> list[tuple[np.ndarray, list[np.ndarray]]]:
     """Outer contours with their holes, after the physical area filters."""
     import cv2
 
@@ -175,7 +175,8 @@ def _filtered_contours(
         area = cv2.contourArea(contours[i]) * px_area - sum(hole_areas)
         if area < cfg.min_tissue_area_um2:
             continue
-        kept = [h for h, a in sorted(zip(holes, hole_areas, strict=True), key=lambda t: -t[1])
-                if a >= cfg.min_hole_area_um2][: cfg.max_holes]
+        kept = [
+            h for h, a in sorted(zip(holes, hole_areas, strict=True), key=lambda t: -t[1]) if a >= cfg.min_hole_area_um2
+        ][: cfg.max_holes]
         out.append((contours[i], kept))
     return out
