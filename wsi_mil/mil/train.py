@@ -3,6 +3,7 @@
 ``train_run`` writes ``OUT/models/<run>/``::
 
     config.yaml          resolved TrainConfig (+ encoder, labels path)
+    pipeline.yaml        tiling and extraction settings of the bags (what predict reuses)
     model.json           how to rebuild the model: name, kwargs, in_dim, classes, folds
     fold_<k>.safetensors weights chosen on fold k's validation split
     splits.csv           slide_id, fold, split (train / val / test)
@@ -237,11 +238,14 @@ def train_run(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    from wsi_mil.predict.settings import PIPELINE_FILE, collect_settings
+
     cfg = config or TrainConfig()
     out_dir = Path(out_dir)
     labels = read_labels(labels_csv)
     paths = bag_paths(out_dir / "features" / encoder / "h5_files", labels.slide_ids)
-    in_dim = int(read_bag(paths[0], load_features=False).features.shape[1])
+    first = read_bag(paths[0], load_features=False)
+    in_dim = int(first.features.shape[1])
     folds = make_splits(labels.y, cfg, str(labels_csv))
     device = resolve_device(cfg.device)
     if cfg.num_threads:
@@ -344,6 +348,7 @@ def train_run(
     for c, name in enumerate(labels.classes):
         pred[f"prob_{name}"] = oof[:, c]
     resolved = {**cfg.to_dict(), "encoder": encoder, "labels_csv": str(labels_csv)}
+    pipeline = collect_settings(out_dir, encoder, first.attrs)
     with atomic_path(run_dir) as tmp:
         tmp.unlink()
         tmp.mkdir()
@@ -351,6 +356,7 @@ def train_run(
             save_file(st, str(tmp / f"fold_{k}.safetensors"), metadata={"fold": str(k)})
         (tmp / "model.json").write_text(json.dumps(model_json, indent=2))
         (tmp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        (tmp / PIPELINE_FILE).write_text(yaml.safe_dump(pipeline, sort_keys=False))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         pred.to_csv(tmp / "predictions.csv", index=False)
         pd.DataFrame(split_rows).to_csv(tmp / "splits.csv", index=False)

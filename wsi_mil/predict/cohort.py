@@ -1,0 +1,221 @@
+"""Stage 4 over many slides: ``wsi-mil predict`` (new slides) and ``wsi-mil heatmap`` (stored bags)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_mil.cohort import status
+from wsi_mil.errors import WsiMilError
+from wsi_mil.predict.settings import RUNTIME_FIELDS, load_settings
+from wsi_mil.predict.slide import PREDICTIONS_FILE, predict_slide, resolve_heatmap_options, write_predictions_csv
+
+STAGE = "predict"
+INDEX_FILE = "index.csv"
+
+
+@dataclass
+class PredictSummary:
+    """Outcome of stage 4 over a cohort.
+
+    Attributes
+    ----------
+    rows : list of dict
+        One row per slide: prediction and probabilities, or ``status`` failed and ``error``.
+    failed : dict
+        Slide id → reason, for every stage (tile, extract, predict).
+    csv : Path or None
+        The predictions (``predict``) or index (``heatmap``) CSV.
+    """
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    csv: Path | None = None
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, WsiMilError):
+        return str(getattr(exc, "reason", None) or exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _diagnose(
+    out: Path,
+    run_dir: Path,
+    items: list[tuple[str, Path | None]],
+    options: Any,
+    summary: PredictSummary,
+    echo: Callable[[str], None],
+    progress: bool,
+) -> None:
+    """predict_slide for each (slide id, slide path); failures become rows, never exceptions."""
+    from wsi_mil.predict.slide import cached_model
+
+    model = cached_model(str(run_dir.resolve()))
+    it: Any = items
+    if progress and len(items) > 1:
+        from rich.progress import track
+
+        it = track(items, description="predict + heatmaps", transient=True)
+    for sid, path in it:
+        t0 = time.perf_counter()
+        try:
+            row = predict_slide(out, run_dir, sid, path, heatmap_options=options, model=model)
+        except Exception as exc:  # one bad slide never stops the others
+            reason = _reason(exc)
+            summary.failed[sid] = reason
+            summary.rows.append({"slide_id": sid, "status": "failed", "error": reason})
+            status.record(out, sid, STAGE, "failed", reason=reason, seconds=time.perf_counter() - t0)
+            echo(f"{sid}: failed: {reason}")
+            continue
+        summary.rows.append({**row, "status": "ok", "error": ""})
+        status.record(
+            out,
+            sid,
+            STAGE,
+            "done",
+            n_patches=row["n_patches"],
+            seconds=time.perf_counter() - t0,
+            detail=f"{run_dir.name}: {row['prediction']}",
+        )
+
+
+def predict_cohort(
+    slides: list[str | Path],
+    run_dir: str | Path,
+    out: str | Path,
+    *,
+    mpp: float | None = None,
+    heatmap_config: str | Path | None = None,
+    heatmap_overrides: Mapping[str, Any] | None = None,
+    extract_overrides: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    echo: Callable[[str], None] = _quiet,
+    progress: bool = True,
+) -> PredictSummary:
+    """Diagnose new slides: tile and extract them as the model's bags were made, then predict.
+
+    Parameters
+    ----------
+    slides : list
+        Files, folders and CSVs (see :func:`~wsi_mil.cohort.inputs.collect_slides`).
+    run_dir : path-like
+        ``OUT/models/<run>`` of a trained run (its ``pipeline.yaml`` gives the settings).
+    out : path-like
+        Output folder: ``patches/``, ``features/``, ``heatmaps/<run>/`` and
+        ``predictions.csv`` (one row per slide, failed slides with their reason).
+    mpp : float, optional
+        Level-0 µm/px for slides without it in their metadata.
+    heatmap_config, heatmap_overrides : optional
+        Heatmap preset/file and flag values (``configs/heatmap/``).
+    extract_overrides : mapping, optional
+        Speed settings of extraction only (device, batch_size, workers, precision,
+        backend, compile); the encoder and its weights always come from the model.
+    overwrite : bool
+        Redo slides already tiled and extracted in ``out``.
+
+    Examples
+    --------
+    >>> s = predict_cohort(["new_slides/"], "cohort/models/run1", "diagnosis")  # doctest: +SKIP
+    >>> s.csv  # doctest: +SKIP
+    PosixPath('diagnosis/predictions.csv')
+    """
+    from wsi_mil.cohort.inputs import collect_slides
+    from wsi_mil.features import extract_cohort
+    from wsi_mil.tiling.cohort import tile_cohort
+
+    run_dir, out = Path(run_dir), Path(out)
+    settings = load_settings(run_dir)
+    options = resolve_heatmap_options(heatmap_config, heatmap_overrides)
+    bad = sorted(k for k, v in (extract_overrides or {}).items() if v is not None and k not in RUNTIME_FIELDS)
+    if bad:
+        raise WsiMilError(f"{settings.path}: {', '.join(bad)} come from the model and cannot be changed at predict")
+    inputs = collect_slides(list(slides))
+    if not inputs:
+        raise WsiMilError(f"no slides found in {', '.join(map(str, slides))}")
+    echo(f"predict: {len(inputs)} slide(s) with {settings.run} ({settings.encoder}); settings from {settings.path}")
+    tiled = tile_cohort(
+        list(slides), out, config=settings.path, mpp=mpp, overwrite=overwrite, echo=echo, progress=progress
+    )
+    summary = PredictSummary(failed=dict(tiled.failed))
+    for sid in tiled.empty:
+        summary.failed[sid] = "no tissue found: zero patches"
+    ready = [i.slide_id for i in inputs if i.slide_id not in summary.failed]
+    if ready:
+        ext = extract_cohort(
+            out,
+            settings.encoder,
+            weights=settings.weights,
+            config=settings.path,
+            overrides=dict(extract_overrides or {}),
+            slide_ids=ready,
+            overwrite=overwrite,
+            echo=echo,
+            progress=progress,
+        )
+        summary.failed.update(ext.failed)
+        for sid in ext.empty:
+            summary.failed[sid] = "no readable patches"
+    summary.rows = [{"slide_id": s, "status": "failed", "error": r} for s, r in summary.failed.items()]
+    paths = {i.slide_id: i.path for i in inputs}
+    items = [(sid, paths[sid]) for sid in (i.slide_id for i in inputs) if sid not in summary.failed]
+    _diagnose(out, run_dir, items, options, summary, echo, progress)
+    summary.csv = write_predictions_csv(summary.rows, out / PREDICTIONS_FILE)
+    ok = len(summary.rows) - len(summary.failed)
+    echo(
+        f"predict: {ok} slide(s) diagnosed, {len(summary.failed)} failed → {summary.csv}; "
+        f"heatmaps in {out / 'heatmaps' / settings.run}"
+    )
+    return summary
+
+
+def heatmap_cohort(
+    out: str | Path,
+    run_dir: str | Path,
+    *,
+    slide_ids: list[str] | None = None,
+    heatmap_config: str | Path | None = None,
+    heatmap_overrides: Mapping[str, Any] | None = None,
+    echo: Callable[[str], None] = _quiet,
+    progress: bool = True,
+) -> PredictSummary:
+    """Heatmaps of slides whose bags are stored in ``OUT`` (e.g. the training cohort).
+
+    Writes ``OUT/heatmaps/<run>/<id>.*`` and ``OUT/heatmaps/<run>/index.csv``; the index
+    marks slides the run was trained on (``trained_on``): their ensemble probabilities are
+    not an honest estimate — ``models/<run>/predictions.csv`` holds the out-of-fold ones.
+
+    Examples
+    --------
+    >>> heatmap_cohort("cohort", "cohort/models/run1", heatmap_overrides={"zarr": True})  # doctest: +SKIP
+    """
+    import pandas as pd
+
+    from wsi_mil.features.extract import encoder_dirname
+
+    out, run_dir = Path(out), Path(run_dir)
+    settings = load_settings(run_dir)
+    options = resolve_heatmap_options(heatmap_config, heatmap_overrides)
+    bag_dir = out / "features" / encoder_dirname(settings.encoder) / "h5_files"
+    ids = slide_ids if slide_ids is not None else sorted(p.stem for p in bag_dir.glob("*.h5"))
+    if not ids:
+        raise WsiMilError(f"{bag_dir}: no feature bags; run `wsi-mil extract --out {out}` first")
+    echo(f"heatmap: {len(ids)} slide(s) with {settings.run}")
+    summary = PredictSummary()
+    _diagnose(out, run_dir, [(sid, None) for sid in ids], options, summary, echo, progress)
+    splits = run_dir / "splits.csv"
+    trained = set(pd.read_csv(splits)["slide_id"].astype(str)) if splits.is_file() else set()
+    for row in summary.rows:
+        row["trained_on"] = row["slide_id"] in trained
+    hm_dir = out / "heatmaps" / settings.run
+    hm_dir.mkdir(parents=True, exist_ok=True)
+    summary.csv = write_predictions_csv(summary.rows, hm_dir / INDEX_FILE)
+    echo(f"heatmap: {len(summary.rows) - len(summary.failed)} done, {len(summary.failed)} failed → {hm_dir}")
+    return summary
