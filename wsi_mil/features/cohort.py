@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from wsi_mil.cohort import status
+from wsi_mil.cohort.runner import SlideOutcome, run_slides
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.features.extract import (
@@ -20,6 +19,9 @@ from wsi_mil.features.extract import (
     is_extracted,
     pt_path,
 )
+
+if TYPE_CHECKING:
+    from wsi_mil.features.runtime import Runner
 
 STAGE = "extract"
 
@@ -109,57 +111,69 @@ def extract_cohort(
         f"extract: {len(ids)} slide(s) with {cfg.encoder} ({enc.weights_id}, {enc.dim}-d) on "
         f"{runner.device.type} {runner.precision}"
     )
-    for sid in ids:
-        pfile = patch_dir / f"{sid}.h5"
-        bag = bag_path(out, cfg.encoder, sid)
-        t0 = time.perf_counter()
-        try:
-            n_tiled = _n_coords(pfile)
-            pt_ok = not cfg.pt or pt_path(out, cfg.encoder, sid).exists()
-            if not overwrite and pt_ok and is_extracted(bag, enc.weights_id, n_tiled):
-                summary.skipped.append(sid)
-                continue
-            with _bar(sid, n_tiled, progress) as tick:
-                res = extract_slide(
-                    pfile,
-                    bag,
-                    runner,
-                    cfg,
-                    pt=pt_path(out, cfg.encoder, sid) if cfg.pt else None,
-                    progress=tick,
-                )
-        except Exception as exc:  # a bad slide, or an unexpected bug, must not stop the cohort
-            reason = getattr(exc, "reason", None) or (
-                str(exc) if isinstance(exc, WsiMilError) else f"{type(exc).__name__}: {exc}"
-            )
-            summary.failed[sid] = reason
-            status.record(
-                out, sid, STAGE, "failed", reason=reason, seconds=time.perf_counter() - t0
-            )
-            echo(f"{sid}: failed: {reason}")
-            continue
-        summary.results[sid] = res
-        (summary.done if res.state == "done" else summary.empty).append(sid)
-        detail = f"{res.patches_per_s:.1f} patches/s; {cfg.encoder}"
-        if res.n_unreadable:
-            detail += f"; {res.n_unreadable} unreadable patches dropped"
-            echo(f"{sid}: {res.n_unreadable} unreadable patch(es) dropped from the bag")
-        status.record(
-            out,
-            sid,
-            STAGE,
-            res.state,
-            n_patches=res.n_patches,
-            seconds=res.seconds,
-            detail=detail,
-            reason="" if res.state == "done" else "no patches to extract",
-        )
+    run_slides(
+        out,
+        STAGE,
+        ids,
+        lambda sid: extract_one(out, sid, runner, cfg, overwrite=overwrite, progress=progress),
+        summary,
+        echo=echo,
+        progress=False,  # one bar per slide's patches instead
+    )
     n = sum(r.n_patches for r in summary.results.values())
     echo(
         f"extract: {len(summary.done)} done ({n} patches), {len(summary.empty)} empty, "
         f"{len(summary.skipped)} already done, {len(summary.failed)} failed → {feat_dir}"
     )
     return summary
+
+
+def extract_one(
+    out: Path, sid: str, runner: Runner, cfg: ExtractConfig, overwrite: bool = False, progress: bool = False
+) -> SlideOutcome:
+    """Extract one slide's bag unless a complete one exists; the per-slide work of the stage.
+
+    Parameters
+    ----------
+    out : Path
+        Cohort folder.
+    sid : str
+        Slide id (``OUT/patches/<sid>.h5`` must exist).
+    runner : Runner
+        The prepared encoder.
+    cfg : ExtractConfig
+        Settings.
+    overwrite : bool
+        Redo a slide that already has a complete bag.
+    progress : bool
+        Show a bar over the slide's patches.
+    """
+    pfile = out / "patches" / f"{sid}.h5"
+    bag = bag_path(out, cfg.encoder, sid)
+    n_tiled = _n_coords(pfile)
+    pt_ok = not cfg.pt or pt_path(out, cfg.encoder, sid).exists()
+    if not overwrite and pt_ok and is_extracted(bag, runner.encoder.weights_id, n_tiled):
+        return SlideOutcome(sid, STAGE, "skipped")
+    with _bar(sid, n_tiled, progress) as tick:
+        res = extract_slide(
+            pfile, bag, runner, cfg, pt=pt_path(out, cfg.encoder, sid) if cfg.pt else None, progress=tick
+        )
+    detail = f"{res.patches_per_s:.1f} patches/s; {cfg.encoder}"
+    note = ""
+    if res.n_unreadable:
+        detail += f"; {res.n_unreadable} unreadable patches dropped"
+        note = f"{res.n_unreadable} unreadable patch(es) dropped from the bag"
+    return SlideOutcome(
+        sid,
+        STAGE,
+        res.state,
+        reason="" if res.state == "done" else "no patches to extract",
+        n_patches=res.n_patches,
+        seconds=res.seconds,
+        detail=detail,
+        note=note,
+        result=res,
+    )
 
 
 def _n_coords(pfile: Path) -> int:

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cohort import status
-from wsi_mil.cohort.inputs import collect_slides
+from wsi_mil.cohort.inputs import SlideInput, collect_slides
+from wsi_mil.cohort.runner import SlideOutcome, StageSummary, run_slides
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.tiling.run import TileConfig, TileResult, is_tiled, tile_slide
@@ -18,18 +18,52 @@ STAGE = "tile"
 
 
 @dataclass
-class CohortSummary:
-    """Outcome of a stage over a cohort."""
+class CohortSummary(StageSummary):
+    """Outcome of tiling over a cohort (``results`` maps slide ids to :class:`TileResult`)."""
 
-    done: list[str] = field(default_factory=list)
-    empty: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
     results: dict[str, TileResult] = field(default_factory=dict)
 
 
 def _quiet(_: str) -> None:
     pass
+
+
+def tile_one(
+    item: SlideInput, out: Path, cfg: TileConfig, mpp: float | None = None, overwrite: bool = False
+) -> SlideOutcome:
+    """Tile one slide unless it already has a complete patch file; the per-slide work of the stage.
+
+    Parameters
+    ----------
+    item : SlideInput
+        The slide (a CSV ``mpp`` wins over ``mpp``).
+    out : Path
+        Cohort folder.
+    cfg : TileConfig
+        Settings.
+    mpp : float, optional
+        Run-wide level-0 µm/px override.
+    overwrite : bool
+        Redo a slide that already has a complete patch file.
+    """
+    if not overwrite and is_tiled(out, item.slide_id):
+        return SlideOutcome(item.slide_id, STAGE, "skipped")
+    t0 = time.perf_counter()
+    override, source = (item.mpp, "csv") if item.mpp is not None else (mpp, "cli")
+    res = tile_slide(item.path, out, cfg, mpp=override, mpp_source=source, slide_id=item.slide_id)
+    detail = f"mpp={res.mpp:g} ({res.mpp_source}); " + " ".join(f"{k}={v:.3f}s" for k, v in res.timings.items())
+    empty = res.state != "done"
+    return SlideOutcome(
+        item.slide_id,
+        STAGE,
+        res.state,
+        reason="no tissue found: zero patches" if empty else "",
+        n_patches=res.n_patches,
+        seconds=time.perf_counter() - t0,
+        detail=detail,
+        note="no tissue found (zero patches)" if empty else "",
+        result=res,
+    )
 
 
 def tile_cohort(
@@ -71,43 +105,19 @@ def tile_cohort(
     out.mkdir(parents=True, exist_ok=True)
     dump_config(out / "tile_config.yaml", {"tile": cfg})
     summary = CohortSummary()
-    for item in _progress(inputs, "tiling", progress):
-        if not overwrite and is_tiled(out, item.slide_id):
-            summary.skipped.append(item.slide_id)
-            continue
-        t0 = time.perf_counter()
-        override, source = (item.mpp, "csv") if item.mpp is not None else (mpp, "cli")
-        try:
-            res = tile_slide(item.path, out, cfg, mpp=override, mpp_source=source, slide_id=item.slide_id)
-        except WsiMilError as exc:
-            reason = getattr(exc, "reason", str(exc))
-            summary.failed[item.slide_id] = reason
-            status.record(out, item.slide_id, STAGE, "failed", reason=reason, seconds=time.perf_counter() - t0)
-            echo(f"{item.slide_id}: failed: {reason}")
-            continue
-        except Exception as exc:  # an unexpected bug must not stop the cohort either
-            reason = f"{type(exc).__name__}: {exc}"
-            summary.failed[item.slide_id] = reason
-            status.record(out, item.slide_id, STAGE, "failed", reason=reason, seconds=time.perf_counter() - t0)
-            echo(f"{item.slide_id}: failed: {reason}")
-            continue
-        summary.results[item.slide_id] = res
-        (summary.done if res.state == "done" else summary.empty).append(item.slide_id)
-        detail = f"mpp={res.mpp:g} ({res.mpp_source}); " + " ".join(f"{k}={v:.3f}s" for k, v in res.timings.items())
-        status.record(out, item.slide_id, STAGE, res.state, n_patches=res.n_patches,
-                      seconds=time.perf_counter() - t0, detail=detail,
-                      reason="" if res.state == "done" else "no tissue found: zero patches")
-        if res.state == "empty":
-            echo(f"{item.slide_id}: no tissue found (zero patches)")
+    by_id = {item.slide_id: item for item in inputs}
+    run_slides(
+        out,
+        STAGE,
+        list(by_id),
+        lambda sid: tile_one(by_id[sid], out, cfg, mpp=mpp, overwrite=overwrite),
+        summary,
+        echo=echo,
+        progress=progress,
+        label="tiling",
+    )
     n_patches = sum(r.n_patches for r in summary.results.values())
     echo(f"tile: {len(summary.done)} done ({n_patches} patches), {len(summary.empty)} without tissue, "
          f"{len(summary.skipped)} already done, {len(summary.failed)} failed → {out}")
     return summary
 
-
-def _progress(items: list[Any], label: str, enabled: bool) -> Any:
-    if not enabled or len(items) < 2:
-        return items
-    from rich.progress import track
-
-    return track(items, description=label, transient=True)
