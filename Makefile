@@ -16,7 +16,22 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# The viewer's OpenSeadragon: npm ci from package-lock.json, copied into the package's static
+# folder (gitignored; third-party JS is never committed). Without npm the viewer cannot start.
+OSD_DIR = wsi_mil/viewer/static/openseadragon
+OSD     = $(OSD_DIR)/openseadragon.min.js
+
+$(OSD): package.json package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		{ npm ci --no-audit --no-fund --loglevel=error && \
+		  rm -rf $(OSD_DIR) && mkdir -p $(OSD_DIR) && \
+		  cp -R node_modules/openseadragon/build/openseadragon/. $(OSD_DIR)/ ; } || \
+		echo "warning: npm ci failed: OpenSeadragon not installed, 'wsi-mil view' and browser tests unavailable"; \
+	else \
+		echo "warning: npm not found: OpenSeadragon not installed, 'wsi-mil view' and browser tests unavailable"; \
+	fi
+
+install: $(STAMP) $(OSD)
 
 demo: install
 	$(BIN)/wsi-mil demo --out $(DEMO_OUT)

@@ -236,6 +236,28 @@ def demo(
     run_demo(out, n_slides=n_slides, echo=typer.echo)
 
 
+@app.command(
+    epilog="Examples: wsi-mil view demo_out\n\n"
+    "wsi-mil view cohort --run texture_loss_attention_0101 --port 8800 --open"
+)
+@handles_errors
+def view(
+    out: Annotated[Path, typer.Argument(help="Cohort output folder (OUT) with heatmaps/<run>/.")],
+    host: Annotated[
+        str, typer.Option(help="Interface to bind; 127.0.0.1 keeps the slides private to this machine.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
+    run: Annotated[str | None, typer.Option(help="Heatmap run under OUT/heatmaps (default: the newest).")] = None,
+    open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
+    backend: Annotated[str, typer.Option(help="Slide reader of the tiles: openslide or tiffslide.")] = "openslide",
+    colormap: Annotated[str, typer.Option(help="matplotlib colormap of the overlay.")] = "jet",
+) -> None:
+    """Local, read-only web viewer: slides with heatmap overlays, patch scores, top-k patches."""
+    from wsi_mil.viewer import serve
+
+    serve(out, host, port, run, open_browser, backend=backend, colormap=colormap, echo=typer.echo)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     app(args=argv if argv is not None else sys.argv[1:], prog_name="wsi-mil")

@@ -1,0 +1,295 @@
+"""What the viewer reads from ``OUT``: the slides, their labels, predictions and heatmap data.
+
+Everything is looked up by slide id; a request never names a file. The set of slides is
+fixed when :class:`ViewerData` is built (from ``heatmaps/<run>/``, ``patches/``,
+``status.csv`` and the predictions CSV), so an unknown id is simply not there.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.errors import WsiMilError
+from wsi_mil.io import h5
+from wsi_mil.io.h5 import HeatmapData
+
+#: The score key of attention; class k has the key ``prob<k>``.
+ATTENTION = "attention"
+
+
+class ViewerError(WsiMilError):
+    """The viewer cannot start on this output folder (missing files or assets)."""
+
+
+@dataclass
+class SlideRecord:
+    """One slide the viewer can show.
+
+    Attributes
+    ----------
+    slide_id : str
+        The slide's id.
+    path : Path or None
+        The slide file (None when no record in ``OUT`` names one that exists).
+    label : str or None
+        Ground-truth label from the run's labels CSV (or its predictions CSV).
+    prediction : str or None
+        Predicted class.
+    probs : dict of str to float
+        Slide-level class probabilities, by class name.
+    n_patches : int or None
+        Patches in the slide's heatmap (else its tiling).
+    heatmap : Path or None
+        ``heatmaps/<run>/<id>.h5`` when present.
+    mask : Path or None
+        ``masks/<id>.geojson`` (tissue contours) when present.
+    """
+
+    slide_id: str
+    path: Path | None = None
+    label: str | None = None
+    prediction: str | None = None
+    probs: dict[str, float] = field(default_factory=dict)
+    n_patches: int | None = None
+    heatmap: Path | None = None
+    mask: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready row of the slide list."""
+        return {
+            "slide_id": self.slide_id,
+            "label": self.label,
+            "prediction": self.prediction,
+            "probs": self.probs,
+            "n_patches": self.n_patches,
+            "has_slide": self.path is not None,
+            "has_heatmap": self.heatmap is not None,
+            "has_tissue": self.mask is not None,
+        }
+
+
+def list_runs(out: Path) -> list[str]:
+    """Runs with heatmaps (``OUT/heatmaps/<run>/`` holding ``*.h5``), newest first."""
+    root = out / "heatmaps"
+    if not root.is_dir():
+        return []
+    runs = [d for d in root.iterdir() if d.is_dir() and any(d.glob("*.h5"))]
+    return [d.name for d in sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)]
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV file, or none when it is absent or unreadable (the viewer tolerates it)."""
+    if not path.is_file():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return []
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _labels_csv(out: Path, run: str | None) -> Path | None:
+    """The labels CSV named in ``models/<run>/config.yaml`` (resolved against ``OUT``'s parent too)."""
+    if run is None:
+        return None
+    cfg = out / "models" / run / "config.yaml"
+    if not cfg.is_file():
+        return None
+    import yaml
+
+    try:
+        value = (yaml.safe_load(cfg.read_text(encoding="utf-8")) or {}).get("labels_csv")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    if not value:
+        return None
+    path = Path(value)
+    for candidate in (path, out / path, out.parent / path):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class ViewerData:
+    """The slides of one output folder and one heatmap run, read once at start.
+
+    Parameters
+    ----------
+    out : path-like
+        The cohort output folder (``OUT``).
+    run : str, optional
+        Heatmap run (``OUT/heatmaps/<run>``); default: the only one, else the newest.
+
+    Examples
+    --------
+    >>> data = ViewerData("demo_out")  # doctest: +SKIP
+    >>> [s.slide_id for s in data.slides.values()]  # doctest: +SKIP
+    """
+
+    def __init__(self, out: str | Path, run: str | None = None) -> None:
+        self.out = Path(out).resolve()
+        if not self.out.is_dir():
+            raise ViewerError(f"{self.out}: no such output folder; give the OUT folder of 'wsi-mil tile'")
+        runs = list_runs(self.out)
+        if run is not None and run not in runs:
+            found = ", ".join(runs) or "none"
+            raise ViewerError(f"{self.out / 'heatmaps' / run}: no heatmaps for run {run!r} (runs found: {found})")
+        self.runs = runs
+        self.run = run if run is not None else (runs[0] if runs else None)
+        self.slides: dict[str, SlideRecord] = {}
+        self._lock = threading.Lock()
+        self._heatmaps: dict[str, HeatmapData] = {}
+        self._collect()
+        if not self.slides:
+            raise ViewerError(f"{self.out}: no slides found (no status.csv, patches/, heatmaps/ or predictions.csv)")
+
+    # -- discovery ---------------------------------------------------------------------
+    def _record(self, sid: str) -> SlideRecord:
+        if sid not in self.slides:
+            self.slides[sid] = SlideRecord(sid)
+        return self.slides[sid]
+
+    def _collect(self) -> None:
+        out = self.out
+        paths: dict[str, list[Path]] = {}
+        if self.run is not None:
+            for f in sorted((out / "heatmaps" / self.run).glob("*.h5")):
+                self._record(f.stem).heatmap = f
+        for row in _read_csv(out / "status.csv"):
+            if row.get("slide_id"):
+                rec = self._record(row["slide_id"])
+                if row.get("path"):
+                    paths.setdefault(rec.slide_id, []).append(Path(row["path"]))
+        for f in sorted((out / "patches").glob("*.h5")):
+            rec = self._record(f.stem)
+            try:
+                patches = h5.read_patches(f)
+            except WsiMilError:
+                continue
+            if rec.n_patches is None:
+                rec.n_patches = len(patches.coords)
+            if patches.attrs.get("slide_path"):
+                paths.setdefault(rec.slide_id, []).append(Path(str(patches.attrs["slide_path"])))
+        self._predictions(paths)
+        self._labels()
+        for sid, rec in self.slides.items():
+            mask = out / "masks" / f"{sid}.geojson"
+            rec.mask = mask if mask.is_file() else None
+            candidates = [*paths.get(sid, []), *sorted((out / "slides").glob(f"{sid}.*"))]
+            rec.path = next((p for p in candidates if p.is_file()), None)
+
+    def _predictions(self, paths: dict[str, list[Path]]) -> None:
+        """``OUT/predictions.csv`` (``wsi-mil predict``), else the run's out-of-fold predictions."""
+        rows = _read_csv(self.out / "predictions.csv")
+        if not rows and self.run is not None:
+            rows = _read_csv(self.out / "models" / self.run / "predictions.csv")
+        for row in rows:
+            sid = row.get("slide_id")
+            if not sid:
+                continue
+            rec = self._record(sid)
+            rec.prediction = row.get("prediction") or rec.prediction
+            rec.label = row.get("label") or rec.label
+            probs = {k[5:]: _float(v) for k, v in row.items() if k and k.startswith("prob_")}
+            rec.probs = {k: v for k, v in probs.items() if v is not None}
+            n = _float(row.get("n_patches"))
+            if n is not None:
+                rec.n_patches = int(n)
+            if row.get("path"):
+                paths.setdefault(sid, []).insert(0, Path(row["path"]))
+
+    def _labels(self) -> None:
+        """Labels of the run's labels CSV (``slide_id,label`` or CLAM's ``case_id,slide_id,label``)."""
+        path = _labels_csv(self.out, self.run)
+        for row in _read_csv(path) if path else []:
+            sid, label = row.get("slide_id"), row.get("label")
+            if sid in self.slides and label not in (None, ""):
+                self.slides[sid].label = label
+
+    # -- per-slide data ----------------------------------------------------------------
+    def get(self, slide_id: str) -> SlideRecord | None:
+        """The slide's record, or None for an id this folder does not hold."""
+        return self.slides.get(slide_id)
+
+    def heatmap(self, slide_id: str) -> HeatmapData | None:
+        """The slide's heatmap data (read once, then cached), or None without one."""
+        rec = self.slides.get(slide_id)
+        if rec is None or rec.heatmap is None:
+            return None
+        with self._lock:  # read each file once, even when tiles ask for it in parallel
+            if slide_id not in self._heatmaps:
+                self._heatmaps[slide_id] = h5.read_heatmap_data(rec.heatmap)
+            return self._heatmaps[slide_id]
+
+
+def score_keys(data: HeatmapData) -> list[dict[str, str]]:
+    """The scores a heatmap can show: attention, then each class probability."""
+    keys = [{"key": ATTENTION, "label": "attention (normalised per slide)"}]
+    keys += [{"key": f"prob{k}", "label": f"P({name})"} for k, name in enumerate(data.class_names)]
+    return keys
+
+
+def score_values(data: HeatmapData, key: str) -> np.ndarray | None:
+    """(N,) values in [0, 1] of a score key (normalised attention or a class probability)."""
+    if key == ATTENTION:
+        return np.asarray(data.attention_norm, np.float32)
+    if key.startswith("prob") and key[4:].isdigit() and int(key[4:]) < len(data.class_names):
+        return np.asarray(data.instance_probs[:, int(key[4:])], np.float32)
+    return None
+
+
+def patch_scores(data: HeatmapData, index: int) -> dict[str, Any]:
+    """JSON-ready scores of patch ``index``: position, attention and class probabilities."""
+    x, y = (int(v) for v in data.coords[index])
+    return {
+        "index": int(index),
+        "x": x,
+        "y": y,
+        "size": data.patch_size_level0,
+        "attention": float(data.attention[index]),
+        "attention_norm": float(data.attention_norm[index]),
+        "probs": {name: float(data.instance_probs[index, k]) for k, name in enumerate(data.class_names)},
+    }
+
+
+def patch_at(data: HeatmapData, x: float, y: float) -> int | None:
+    """Index of the patch covering level-0 ``(x, y)`` (the nearest centre where patches overlap).
+
+    Examples
+    --------
+    >>> d = HeatmapData(np.array([[0, 0], [256, 0]]), np.ones(2), np.ones(2), np.ones((2, 1)), ["a"],
+    ...                 {"patch_size_level0": 256})
+    >>> patch_at(d, 300, 10), patch_at(d, 600, 10)
+    (1, None)
+    """
+    p = data.patch_size_level0
+    c = data.coords
+    inside = np.flatnonzero((c[:, 0] <= x) & (x < c[:, 0] + p) & (c[:, 1] <= y) & (y < c[:, 1] + p))
+    if not len(inside):
+        return None
+    centres = c[inside] + p / 2.0
+    return int(inside[np.argmin(((centres - (x, y)) ** 2).sum(1))])
+
+
+def top_patches(data: HeatmapData, key: str, k: int) -> list[dict[str, Any]] | None:
+    """The ``k`` patches with the highest score ``key`` (None for an unknown key), best first."""
+    values = score_values(data, key)
+    if values is None:
+        return None
+    if key == ATTENTION:  # rank by raw attention: the normalised one may tie at 1
+        values = np.asarray(data.attention, np.float32)
+    order = np.argsort(-values, kind="stable")[: max(0, k)]
+    return [patch_scores(data, int(i)) for i in order]

@@ -1,0 +1,251 @@
+"""Deep Zoom tiles: the slide's own pyramid through its backend, and the score overlay.
+
+Slide tiles come from :class:`openslide.deepzoom.DeepZoomGenerator` reading through a
+:class:`~wsi_mil.slide.Slide` (any backend); overlay tiles are rendered from the heatmap's
+score grid (:class:`wsi_mil.heatmaps.pyramid.Overlay`) on the same Deep Zoom geometry, so
+the two images line up at every zoom level. Encoded tiles are kept in a bounded LRU cache.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_mil.errors import SlideError, WsiMilError
+
+#: Slide tiles: 254 px + 1 px overlap on each side = 256 px images (DeepZoomGenerator's advice).
+SLIDE_TILE, SLIDE_OVERLAP = 254, 1
+#: Overlay tiles: no overlap, so a tile's pixels are exactly a raster of the score grid.
+OVERLAY_TILE = 256
+JPEG_QUALITY = 80
+
+
+class LRU:
+    """A small thread-safe least-recently-used cache of computed values."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[Any], None] | None = None) -> None:
+        self.maxsize, self.on_evict = maxsize, on_evict
+        self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Any, make: Callable[[], Any]) -> Any:
+        """The cached value of ``key``, made (outside the lock) on a miss."""
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        value = make()
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self.maxsize:
+                _, old = self._items.popitem(last=False)
+                if self.on_evict is not None and old is not value:
+                    self.on_evict(old)
+        return value
+
+
+class _DeepZoomSource:
+    """The OpenSlide-like face that ``DeepZoomGenerator`` reads, over a wsi-mil :class:`Slide`.
+
+    tiffslide handles are not safe to share between threads, so reads take a lock there.
+    """
+
+    def __init__(self, slide: Any) -> None:
+        self._slide = slide
+        self._lock = threading.Lock() if slide.backend_name != "openslide" else None
+        self.properties: dict[str, str] = {}  # white background, no bounds: the defaults
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self._slide.dimensions
+
+    @property
+    def level_count(self) -> int:
+        return self._slide.level_count
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._slide.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._slide.level_downsamples
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        # Never a level coarser than asked: DeepZoomGenerator only shrinks what it reads.
+        downs = self._slide.level_downsamples
+        return max((i for i, d in enumerate(downs) if d <= downsample + 1e-9), default=0)
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
+        from PIL import Image
+
+        if self._lock is None:
+            rgb = self._slide.read_region(location, level, size)
+        else:
+            with self._lock:
+                rgb = self._slide.read_region(location, level, size)
+        return Image.fromarray(np.ascontiguousarray(rgb)).convert("RGBA")
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class SlideTiles:
+    """Open slides (a few at a time) and their Deep Zoom tiles, encoded and cached.
+
+    Parameters
+    ----------
+    backend : str
+        Slide backend (``openslide`` or ``tiffslide``).
+    max_open : int
+        Slides kept open at once; the least recently used is closed.
+    max_tiles : int
+        Encoded tiles kept in memory.
+    """
+
+    def __init__(self, backend: str = "openslide", max_open: int = 8, max_tiles: int = 4096) -> None:
+        self.backend = backend
+        self._generators = LRU(max_open, on_evict=lambda g: g[1].close())
+        self._tiles = LRU(max_tiles)
+
+    def generator(self, slide_id: str, path: Path) -> Any:
+        """The slide's ``DeepZoomGenerator`` (opened on first use)."""
+        return self._generators.get((slide_id, str(path)), lambda: self._open(slide_id, path))[0]
+
+    def _open(self, slide_id: str, path: Path) -> tuple[Any, _DeepZoomSource]:
+        from openslide.deepzoom import DeepZoomGenerator
+
+        from wsi_mil.slide import open_slide
+
+        try:
+            source = _DeepZoomSource(open_slide(path, backend=self.backend))
+        except WsiMilError:
+            raise
+        except Exception as exc:  # native readers raise many types
+            raise SlideError(slide_id, f"cannot open {path} for the viewer ({exc})") from exc
+        return DeepZoomGenerator(source, SLIDE_TILE, SLIDE_OVERLAP, limit_bounds=False), source
+
+    def dzi(self, slide_id: str, path: Path) -> str:
+        """The slide's DZI XML (JPEG tiles)."""
+        return self.generator(slide_id, path).get_dzi("jpeg")
+
+    def tile(self, slide_id: str, path: Path, level: int, col: int, row: int) -> bytes | None:
+        """JPEG bytes of one tile, or None when the address is outside the pyramid."""
+        gen = self.generator(slide_id, path)
+        if not 0 <= level < gen.level_count:
+            return None
+        cols, rows = gen.level_tiles[level]
+        if not (0 <= col < cols and 0 <= row < rows):
+            return None
+
+        def make() -> bytes:
+            buf = io.BytesIO()
+            gen.get_tile(level, (col, row)).save(buf, "JPEG", quality=JPEG_QUALITY)
+            return buf.getvalue()
+
+        return self._tiles.get((slide_id, level, col, row), make)
+
+
+def dz_level_dimensions(width: int, height: int) -> list[tuple[int, int]]:
+    """(width, height) of each Deep Zoom level, 1 × 1 first (halving with ceil, as DZI defines).
+
+    Examples
+    --------
+    >>> dz_level_dimensions(5, 3)
+    [(1, 1), (2, 1), (3, 2), (5, 3)]
+    """
+    dims = [(width, height)]
+    while dims[-1] != (1, 1):
+        w, h = dims[-1]
+        dims.append((max(1, math.ceil(w / 2)), max(1, math.ceil(h / 2))))
+    return dims[::-1]
+
+
+def overlay_dzi(width: int, height: int) -> str:
+    """DZI XML of an overlay with the slide's level-0 size (PNG tiles, no overlap)."""
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f'<Image xmlns="http://schemas.microsoft.com/deepzoom/2008" TileSize="{OVERLAY_TILE}" '
+        f'Overlap="0" Format="png"><Size Width="{width}" Height="{height}"/></Image>'
+    )
+
+
+def overlay_tile_region(
+    width: int, height: int, level: int, col: int, row: int
+) -> tuple[float, float, float, float, int, int] | None:
+    """Level-0 raster ``(x0, y0, sx, sy, w, h)`` of an overlay tile, or None outside the pyramid."""
+    dims = dz_level_dimensions(width, height)
+    if not 0 <= level < len(dims):
+        return None
+    lw, lh = dims[level]
+    if not (0 <= col < math.ceil(lw / OVERLAY_TILE) and 0 <= row < math.ceil(lh / OVERLAY_TILE)):
+        return None
+    sx, sy = width / lw, height / lh
+    w = min(OVERLAY_TILE, lw - col * OVERLAY_TILE)
+    h = min(OVERLAY_TILE, lh - row * OVERLAY_TILE)
+    return col * OVERLAY_TILE * sx, row * OVERLAY_TILE * sy, sx, sy, w, h
+
+
+class OverlayTiles:
+    """Score overlays (one per slide and score), rendered into PNG Deep Zoom tiles.
+
+    Parameters
+    ----------
+    colormap : str
+        matplotlib colormap of the scores (as the heatmap files use; default ``jet``).
+    max_overlays, max_tiles : int
+        Score grids and encoded tiles kept in memory.
+    """
+
+    def __init__(self, colormap: str = "jet", max_overlays: int = 16, max_tiles: int = 4096) -> None:
+        from wsi_mil.heatmaps.scores import colour_lut
+
+        self.colormap = colormap
+        self.lut = colour_lut(colormap, 1.0)  # (257, 4); opacity is the browser's job
+        self._overlays = LRU(max_overlays)
+        self._tiles = LRU(max_tiles)
+
+    def overlay(self, slide_id: str, data: Any, key: str, values: np.ndarray) -> Any:
+        """The slide's :class:`~wsi_mil.heatmaps.pyramid.Overlay` of score ``key`` (patch squares)."""
+        from wsi_mil.heatmaps.pyramid import Overlay
+        from wsi_mil.heatmaps.raster import build_grid
+
+        def make() -> Overlay:
+            width, height = (int(v) for v in data.attrs["slide_dimensions"])
+            grid = build_grid(data.coords, values, data.patch_size_level0, width, height)
+            return Overlay(grid, self.lut, clip="patches")
+
+        return self._overlays.get((slide_id, key), make)
+
+    def tile(
+        self, slide_id: str, data: Any, key: str, values: np.ndarray, level: int, col: int, row: int
+    ) -> bytes | None:
+        """PNG bytes (RGBA, transparent off the patches) of one overlay tile, or None outside."""
+        width, height = (int(v) for v in data.attrs["slide_dimensions"])
+        region = overlay_tile_region(width, height, level, col, row)
+        if region is None:
+            return None
+
+        def make() -> bytes:
+            import cv2
+
+            rgba = self.overlay(slide_id, data, key, values).rgba(*region)  # (h, w, 4)
+            ok, buf = cv2.imencode(".png", rgba[..., [2, 1, 0, 3]], [cv2.IMWRITE_PNG_COMPRESSION, 1])
+            if not ok:  # pragma: no cover - encoding a uint8 array does not fail
+                raise WsiMilError(f"{slide_id}: cannot encode overlay tile {level}/{col}_{row}")
+            return buf.tobytes()
+
+        return self._tiles.get((slide_id, key, level, col, row), make)
+
+    def legend(self, stops: int = 32) -> list[str]:
+        """``stops`` CSS colours of the colormap from score 0 to 1 (for the legend)."""
+        idx = np.round(np.linspace(0, 255, stops)).astype(int)
+        return ["#{:02x}{:02x}{:02x}".format(*self.lut[i, :3]) for i in idx]
