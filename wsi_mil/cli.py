@@ -224,6 +224,37 @@ def train(
     typer.echo(f"trained {cfg.model.name} on {enc} ({cfg.cv.folds}-fold CV: {scores}): {run_dir}")
 
 
+@app.command(
+    epilog="Examples: wsi-mil run configs/cohort/example.yaml\n\n"
+    "wsi-mil run cohort.yaml --scheduler tcp://10.0.0.5:8786 --retry-failed\n\n"
+    "wsi-mil run cohort.yaml --stages tile,extract --scheduler sequential"
+)
+@handles_errors
+def run(
+    config: Annotated[Path, typer.Argument(help="Cohort config (see configs/cohort/example.yaml, docs/cohort.md).")],
+    scheduler: Annotated[
+        str | None,
+        typer.Option(
+            help="Dask scheduler address or scheduler .json file; 'sequential' runs in this process "
+            "(default: the config's, else an embedded LocalCluster)."
+        ),
+    ] = None,
+    retry_failed: Annotated[bool, typer.Option(help="Also redo slides that failed in an earlier run.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (overrides the config's).")] = None,
+    stages: Annotated[
+        str | None, typer.Option(help="Comma-separated subset of tile,extract,train,heatmap,predict.")
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+) -> None:
+    """All stages over a cohort on Dask, one task per slide; re-running resumes. Exit 1 if any slide failed."""
+    from wsi_mil.cohort import load_cohort_config, run_cohort
+
+    cfg = load_cohort_config(config, {"out": out, "stages": stages})
+    summary = run_cohort(cfg, scheduler=scheduler, retry_failed=retry_failed, echo=typer.echo, progress=progress)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
 @app.command(epilog="Example: wsi-mil demo --out demo_out")
 @handles_errors
 def demo(

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wsi_mil.cohort.lock import output_lock
 from wsi_mil.cohort.runner import SlideOutcome, run_slides
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
@@ -111,15 +112,16 @@ def extract_cohort(
         f"extract: {len(ids)} slide(s) with {cfg.encoder} ({enc.weights_id}, {enc.dim}-d) on "
         f"{runner.device.type} {runner.precision}"
     )
-    run_slides(
-        out,
-        STAGE,
-        ids,
-        lambda sid: extract_one(out, sid, runner, cfg, overwrite=overwrite, progress=progress),
-        summary,
-        echo=echo,
-        progress=False,  # one bar per slide's patches instead
-    )
+    with output_lock(out, "wsi-mil extract"):
+        run_slides(
+            out,
+            STAGE,
+            ids,
+            lambda sid: extract_one(out, sid, runner, cfg, overwrite=overwrite, progress=progress),
+            summary,
+            echo=echo,
+            progress=False,  # one bar per slide's patches instead
+        )
     n = sum(r.n_patches for r in summary.results.values())
     echo(
         f"extract: {len(summary.done)} done ({n} patches), {len(summary.empty)} empty, "

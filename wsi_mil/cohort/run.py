@@ -1,0 +1,520 @@
+"""``wsi-mil run``: every stage over a cohort, one task per slide, on Dask; resumable.
+
+:func:`run_cohort` plans a task graph — per slide ``tile → extract → heatmap``, and one
+``train`` task that waits for every bag — and runs it on an embedded ``LocalCluster``, an
+existing Dask scheduler, or (``scheduler="sequential"``) in this process. Workers record
+each (slide, stage) in ``OUT/status.csv``; this process holds the output folder's lock,
+prints progress and a summary, and writes the cohort-level CSVs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsi_mil.cohort import status
+from wsi_mil.cohort.config import CohortConfig
+from wsi_mil.cohort.runner import SlideOutcome, failure_reason
+from wsi_mil.errors import ConfigError, WsiMilError
+
+COUNTED = ("done", "empty", "skipped", "failed", "not_retried", "blocked")
+
+
+@dataclass
+class StageReport:
+    """What one stage did in a run: counts per state, failures, and time."""
+
+    stage: str
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTED, 0))
+    failed: dict[str, str] = field(default_factory=dict)
+    earlier: set[str] = field(default_factory=set)  # failed in an earlier run, not retried
+    task_seconds: float = 0.0  # summed over tasks that ran (done, empty, failed)
+    first_start: float | None = None
+    last_end: float | None = None
+    n_patches: int = 0
+
+    def add(self, o: SlideOutcome, t_end: float) -> None:
+        self.counts[o.state] = self.counts.get(o.state, 0) + 1
+        if o.state in ("failed", "not_retried"):
+            self.failed[o.slide_id] = o.reason
+            if o.state == "not_retried":
+                self.earlier.add(o.slide_id)
+        if o.state in ("done", "empty", "failed"):
+            self.task_seconds += o.seconds
+            self.first_start = min(self.first_start or t_end, t_end - o.seconds)
+            self.last_end = max(self.last_end or t_end, t_end)
+        if o.state == "done" and o.n_patches:
+            self.n_patches += o.n_patches
+
+    @property
+    def wall_seconds(self) -> float:
+        """From the stage's first task start to its last task end (0 if nothing ran)."""
+        return 0.0 if self.first_start is None else float((self.last_end or 0) - self.first_start)
+
+
+@dataclass
+class RunSummary:
+    """Outcome of :func:`run_cohort`.
+
+    Attributes
+    ----------
+    out : Path
+        The cohort folder.
+    stages : dict
+        :class:`StageReport` per stage run.
+    run_dir : Path or None
+        The model run used or trained.
+    seconds : float
+        Wall time of the whole run.
+    n_slides : int
+        Slides in the cohort.
+    """
+
+    out: Path
+    stages: dict[str, StageReport] = field(default_factory=dict)
+    run_dir: Path | None = None
+    seconds: float = 0.0
+    n_slides: int = 0
+    outcomes: list[SlideOutcome] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no slide failed (now or in an earlier run without --retry-failed)."""
+        return not any(r.failed for r in self.stages.values())
+
+    @property
+    def failures(self) -> dict[tuple[str, str], str]:
+        """``(stage, slide_id) → reason`` of every failure."""
+        return {(s, sid): why for s, r in self.stages.items() for sid, why in r.failed.items()}
+
+    def lines(self) -> list[str]:
+        """The summary table and failures, as lines of text."""
+        cols = ("done", 5), ("empty", 5), ("skipped", 7), ("failed", 6), ("blocked", 7), ("task s", 8), ("wall s", 8)
+        head = f"{'stage':<8} " + " ".join(f"{c:>{w}}" for c, w in cols)
+        rows = [head, "-" * len(head)]
+        for name, r in self.stages.items():
+            c = r.counts
+            rows.append(
+                f"{name:<8} {c['done']:>5} {c['empty']:>5} {c['skipped']:>7} {c['failed'] + c['not_retried']:>6} "
+                f"{c['blocked']:>7} {r.task_seconds:>8.1f} {r.wall_seconds:>8.1f}"
+            )
+        rows.append(f"{self.n_slides} slide(s) in {self.seconds:.1f} s → {self.out}")
+        for (stage, sid), why in sorted(self.failures.items()):
+            earlier = " (in an earlier run)" if sid in self.stages[stage].earlier else ""
+            rows.append(f"  {sid}: {stage} failed{earlier}: {why}")
+        if any(r.counts["not_retried"] for r in self.stages.values()):
+            rows.append("  slides that failed in an earlier run were not retried; add --retry-failed to retry them")
+        return rows
+
+
+@dataclass
+class _Job:
+    key: str
+    stage: str
+    slide_id: str
+    fn: Callable[..., SlideOutcome]
+    deps: list[str | list[str] | None]  # keys of upstream jobs, passed first (a list for train)
+    args: tuple[Any, ...]
+    resources: dict[str, int] | None = None
+
+
+def clean_partials(out: Path) -> int:
+    """Remove temporary ``.*.partial`` files left by killed writers (only while holding the lock)."""
+    n = 0
+    for p in out.rglob(".*.partial"):
+        try:
+            if p.is_dir():
+                import shutil
+
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+            n += 1
+        except OSError:
+            pass
+    return n
+
+
+def run_cohort(
+    cfg: CohortConfig,
+    *,
+    scheduler: str | None = None,
+    retry_failed: bool = False,
+    echo: Callable[[str], None] = print,
+    progress: bool = True,
+) -> RunSummary:
+    """Run the configured stages over the cohort; resume what an earlier run left.
+
+    Parameters
+    ----------
+    cfg : CohortConfig
+        From :func:`~wsi_mil.cohort.config.load_cohort_config`.
+    scheduler : str, optional
+        Overrides ``cfg.scheduler``: a Dask address, a scheduler ``.json`` file, or
+        ``"sequential"``; None with no ``cfg.scheduler``: an embedded LocalCluster.
+    retry_failed : bool
+        Also redo (slide, stage) pairs that failed in an earlier run.
+    echo : callable
+        Receives progress lines, failures and the summary.
+    progress : bool
+        Show progress bars (one per stage).
+
+    Returns
+    -------
+    RunSummary
+        Counts, failures and timings per stage; ``summary.ok`` is False if any slide failed.
+
+    Raises
+    ------
+    OutputLockedError
+        Another run holds ``cfg.out``.
+
+    Examples
+    --------
+    >>> cfg = load_cohort_config("configs/cohort/example.yaml")  # doctest: +SKIP
+    >>> summary = run_cohort(cfg, scheduler="tcp://10.0.0.5:8786")  # doctest: +SKIP
+    >>> summary.ok  # doctest: +SKIP
+    """
+    from wsi_mil.cohort.inputs import collect_slides
+    from wsi_mil.cohort.lock import output_lock
+    from wsi_mil.config import dump_config
+
+    t0 = time.perf_counter()
+    out = Path(cfg.out)
+    inputs = collect_slides(list(cfg.slides))
+    if not inputs:
+        raise WsiMilError(f"{cfg.source}: no slides found in {', '.join(map(str, cfg.slides))}")
+    where = scheduler or cfg.scheduler
+    with output_lock(out, "wsi-mil run"):
+        n_clean = clean_partials(out)
+        if n_clean:
+            echo(f"removed {n_clean} incomplete file(s) left by an interrupted run")
+        dump_config(out / "run_config.yaml", cfg.to_dict())
+        if "tile" in cfg.stages:
+            dump_config(out / "tile_config.yaml", {"tile": cfg.tile})
+        summary = RunSummary(out, n_slides=len(inputs))
+        summary.run_dir = _run_dir(cfg)
+        prev = {(r["slide_id"], r["stage"]): r for r in status.read_status(out)}
+        with _executor(cfg, where, echo) as ex:
+            jobs = _plan(cfg, inputs, prev, retry_failed, ex.gpu_workers, ex.slots_by_host)
+            for name in _stage_names(cfg):
+                summary.stages[name] = StageReport(name)
+            by_key = {j.key: j for j in jobs}
+            with _bars(summary.stages, jobs, progress) as tick:
+                for key, outcome in ex.run(jobs):
+                    job = by_key[key]
+                    summary.stages[job.stage].add(outcome, time.perf_counter())
+                    summary.outcomes.append(outcome)
+                    if outcome.state == "failed":
+                        echo(f"{outcome.slide_id}: {job.stage} failed: {outcome.reason}")
+                    elif outcome.note:
+                        echo(f"{outcome.slide_id}: {outcome.note}")
+                    tick(job.stage)
+        if any(s in cfg.stages for s in ("heatmap", "predict")) and summary.run_dir is not None:
+            _write_tables(cfg, summary, echo)
+        clean_partials(out)
+    summary.seconds = time.perf_counter() - t0
+    for line in summary.lines():
+        echo(line)
+    return summary
+
+
+def _stage_names(cfg: CohortConfig) -> list[str]:
+    names = [s for s in ("tile", "extract", "train") if s in cfg.stages]
+    if any(s in cfg.stages for s in ("heatmap", "predict")):
+        names.append("heatmap")
+    return names
+
+
+def _run_dir(cfg: CohortConfig) -> Path | None:
+    if "train" in cfg.stages:
+        return Path(cfg.out) / "models" / _run_name(cfg)
+    return Path(cfg.model) if cfg.model else None
+
+
+def _run_name(cfg: CohortConfig) -> str:
+    from wsi_mil.features.extract import encoder_dirname
+
+    return cfg.train.run_name or f"{encoder_dirname(cfg.extract.encoder)}_{cfg.train.model.name}"
+
+
+def _plan(
+    cfg: CohortConfig,
+    inputs: list[Any],
+    prev: Mapping[tuple[str, str], Mapping[str, str]],
+    retry: bool,
+    gpu_workers: bool,
+    slots: Mapping[str, int],
+) -> list[_Job]:
+    """The task graph, in an order that is also a valid sequential order."""
+    import dataclasses
+
+    from wsi_mil.cohort import tasks
+    from wsi_mil.config import to_dict
+
+    run = uuid.uuid4().hex[:8]
+    threads = cfg.cluster.torch_threads
+    jobs: list[_Job] = []
+    tile_key: dict[str, str | None] = {}
+    ext_key: dict[str, str | None] = {}
+    ext_gpu = _wants_gpu(cfg.extract.device, gpu_workers)
+    for item in inputs:
+        sid = item.slide_id
+        tile_key[sid] = None
+        if "tile" in cfg.stages:
+            slide = {"path": str(item.path), "slide_id": sid, "mpp": item.mpp}
+            tile_key[sid] = f"tile-{sid}-{run}"
+            jobs.append(_Job(tile_key[sid], "tile", sid, tasks.tile_task, [],
+                             (str(cfg.out), slide, to_dict(cfg.tile), cfg.mpp, prev.get((sid, "tile")), retry)))
+    for item in inputs:
+        sid = item.slide_id
+        ext_key[sid] = None
+        if "extract" in cfg.stages:
+            ext_key[sid] = f"extract-{sid}-{run}"
+            jobs.append(_Job(ext_key[sid], "extract", sid, tasks.extract_task, [tile_key[sid]],
+                             (str(cfg.out), sid, to_dict(cfg.extract), prev.get((sid, "extract")), retry,
+                              threads, dict(slots)), {"GPU": 1} if ext_gpu else None))
+    train_key = None
+    if "train" in cfg.stages:
+        train_cfg = dataclasses.replace(cfg.train, run_name=_run_name(cfg))
+        train_key = f"train-{run}"
+        jobs.append(_Job(train_key, "train", tasks.TRAIN_ROW, tasks.train_task, [[k for k in ext_key.values() if k]],
+                         (str(cfg.out), str(cfg.labels), cfg.extract.encoder, train_cfg.to_dict(),
+                          [i.slide_id for i in inputs], prev.get((tasks.TRAIN_ROW, "train")), retry, threads),
+                         {"GPU": 1} if _wants_gpu(cfg.train.device, gpu_workers) else None))
+    if any(s in cfg.stages for s in ("heatmap", "predict")):
+        run_dir = str(_run_dir(cfg))
+        for item in inputs:
+            sid = item.slide_id
+            jobs.append(_Job(f"heatmap-{sid}-{run}", "heatmap", sid, tasks.heatmap_task, [ext_key[sid], train_key],
+                             (str(cfg.out), run_dir, sid, str(item.path), to_dict(cfg.heatmap),
+                              prev.get((sid, "heatmap")), retry, threads, dict(slots))))
+    return jobs
+
+
+def _wants_gpu(device: str, gpu_workers: bool) -> bool:
+    return device.startswith("cuda") or (device == "auto" and gpu_workers)
+
+
+# --------------------------------------------------------------------------- executors
+
+
+class _Sequential:
+    """Runs the jobs in this process, in plan order (no Dask)."""
+
+    gpu_workers = False
+    slots_by_host: dict[str, int] = {}  # noqa: RUF012 - read only
+
+    def run(self, jobs: list[_Job]) -> Iterator[tuple[str, SlideOutcome]]:
+        done: dict[str, SlideOutcome] = {}
+        for job in jobs:
+            deps = [[done[k] for k in d] if isinstance(d, list) else (done[d] if d else None) for d in job.deps]
+            done[job.key] = job.fn(*deps, *job.args)
+            yield job.key, done[job.key]
+
+
+class _Dask:
+    """Submits the jobs to a Dask cluster; upstream outcomes travel as futures."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        info = client.scheduler_info()["workers"]
+        self.gpu_workers = any("GPU" in (w.get("resources") or {}) for w in info.values())
+        self.slots_by_host: dict[str, int] = {}
+        for w in info.values():
+            self.slots_by_host[w["host"]] = self.slots_by_host.get(w["host"], 0) + int(w["nthreads"])
+
+    def run(self, jobs: list[_Job]) -> Iterator[tuple[str, SlideOutcome]]:
+        from distributed import as_completed
+
+        futures: dict[str, Any] = {}
+        for job in jobs:
+            deps = [[futures[k] for k in d] if isinstance(d, list) else (futures[d] if d else None) for d in job.deps]
+            futures[job.key] = self.client.submit(
+                job.fn, *deps, *job.args, key=job.key, pure=False, resources=job.resources
+            )
+        errored: set[str] = set()
+        by_future = {f.key: j for j, f in zip(jobs, futures.values(), strict=True)}
+        for fut in as_completed(list(futures.values())):
+            job = by_future[fut.key]
+            if fut.status == "finished":
+                yield job.key, fut.result()
+                continue
+            # The task raised outside its own guard, or its worker died too often (KilledWorker).
+            errored.add(job.key)
+            upstream = [k for d in job.deps for k in (d if isinstance(d, list) else [d]) if k]
+            if any(k in errored for k in upstream):
+                yield job.key, SlideOutcome(job.slide_id, job.stage, "blocked", reason="an earlier stage crashed")
+                continue
+            reason = failure_reason(fut.exception())
+            status.record(self._out(job), job.slide_id, job.stage, "failed", reason=reason)
+            yield job.key, SlideOutcome(job.slide_id, job.stage, "failed", reason=reason)
+
+    @staticmethod
+    def _out(job: _Job) -> str:
+        return str(job.args[0])
+
+
+class _executor:  # noqa: N801 - used like a function
+    """Context manager yielding an executor: sequential, an existing cluster, or a LocalCluster."""
+
+    def __init__(self, cfg: CohortConfig, where: str | None, echo: Callable[[str], None]) -> None:
+        self.cfg, self.where, self.echo = cfg, where, echo
+        self._close: list[Any] = []
+
+    def __enter__(self) -> _Sequential | _Dask:
+        if self.where == "sequential":
+            self.echo("running in this process (scheduler: sequential)")
+            return _Sequential()
+        from distributed import Client
+
+        if self.where:
+            try:
+                if self.where.endswith(".json"):
+                    client = Client(scheduler_file=self.where, timeout="20s")
+                else:
+                    client = Client(self.where, timeout="20s")
+            except OSError as exc:
+                raise ConfigError(f"cannot reach the Dask scheduler at {self.where} ({exc})") from exc
+            self._close.append(client)
+            n = len(client.scheduler_info()["workers"])
+            self.echo(f"Dask scheduler {self.where}: {n} worker(s)")
+        else:
+            cluster = _local_cluster(self.cfg)
+            self._close.append(cluster)
+            client = Client(cluster)
+            self._close.insert(0, client)
+            n = len(cluster.worker_spec)
+            client.wait_for_workers(n, timeout=120)
+            dash = f", dashboard {client.dashboard_link}" if self.cfg.cluster.dashboard else ""
+            self.echo(f"Dask LocalCluster: {n} worker process(es){dash}")
+        ex = _Dask(client)
+        needs_gpu = self.cfg.extract.device.startswith("cuda") and "extract" in self.cfg.stages
+        if needs_gpu and not ex.gpu_workers and client.scheduler_info()["workers"]:
+            raise ConfigError(
+                    f"{self.cfg.source}: extract.device is {self.cfg.extract.device} but no Dask worker declares a "
+                    "GPU resource; start GPU workers with `dask worker ... --resources GPU=1`"
+                )
+        return ex
+
+    def __exit__(self, *exc: object) -> None:
+        for obj in self._close:
+            with contextlib.suppress(Exception):  # closing must not hide the run's own error
+                obj.close()
+
+
+def _local_cluster(cfg: CohortConfig) -> Any:
+    """One worker process per core (1 thread each), plus one ``GPU=1`` worker per GPU."""
+    import logging
+    import os
+
+    from distributed import LocalCluster, Nanny
+
+    c = cfg.cluster
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    n_gpu = c.gpu_workers
+    if n_gpu < 0:
+        n_gpu = _visible_gpus() if _gpu_stage(cfg) else 0
+    n_cpu = c.n_workers or max(1, cores - n_gpu)
+    cluster = LocalCluster(
+        n_workers=n_cpu,
+        threads_per_worker=c.threads_per_worker,
+        processes=True,
+        memory_limit=c.memory_limit,
+        dashboard_address=":0" if c.dashboard else None,
+        silence_logs=logging.ERROR,
+    )
+    if n_gpu:
+        base = dict(cluster.new_spec["options"])
+        for g in range(n_gpu):
+            cluster.worker_spec[f"gpu-{g}"] = {
+                "cls": Nanny,
+                "options": {**base, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(g)}},
+            }
+        cluster.scale(len(cluster.worker_spec))
+    return cluster
+
+
+def _gpu_stage(cfg: CohortConfig) -> bool:
+    return ("extract" in cfg.stages and cfg.extract.device != "cpu") or (
+        "train" in cfg.stages and cfg.train.device != "cpu"
+    )
+
+
+def _visible_gpus() -> int:
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # no usable CUDA runtime
+        return 0
+
+
+class _bars:  # noqa: N801 - used like a function
+    """One rich progress bar per stage (a no-op when disabled)."""
+
+    def __init__(self, stages: Mapping[str, StageReport], jobs: list[_Job], enabled: bool) -> None:
+        self.totals = {s: sum(j.stage == s for j in jobs) for s in stages}
+        self.enabled = enabled
+        self._p: Any = None
+        self._ids: dict[str, Any] = {}
+
+    def __enter__(self) -> Callable[[str], None]:
+        if not self.enabled:
+            return lambda stage: None
+        from rich.progress import Progress
+
+        self._p = Progress()
+        self._p.start()
+        self._ids = {s: self._p.add_task(s, total=n) for s, n in self.totals.items()}
+        return lambda stage: self._p.update(self._ids[stage], advance=1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._p is not None:
+            self._p.stop()
+
+
+# --------------------------------------------------------------------------- cohort tables
+
+
+def _write_tables(cfg: CohortConfig, summary: RunSummary, echo: Callable[[str], None]) -> None:
+    """``OUT/heatmaps/<run>/index.csv`` (every slide) and, for ``predict``, ``OUT/predictions.csv``."""
+    import csv
+
+    from wsi_mil.predict import write_predictions_csv
+
+    run_dir = summary.run_dir
+    if run_dir is None:
+        return
+    hm_dir = Path(cfg.out) / "heatmaps" / run_dir.name
+    index = hm_dir / "index.csv"
+    rows: dict[str, dict[str, Any]] = {}
+    if index.is_file():
+        with index.open(newline="", encoding="utf-8") as fh:
+            rows = {r["slide_id"]: dict(r) for r in csv.DictReader(fh)}
+    for o in summary.outcomes:
+        if o.stage != "heatmap":
+            continue
+        if o.state in ("done", "skipped") and isinstance(o.result, Mapping):
+            rows[o.slide_id] = {**o.result, "status": "ok", "error": ""}
+        elif o.state in ("failed", "not_retried", "blocked"):
+            rows[o.slide_id] = {"slide_id": o.slide_id, "status": "failed", "error": o.reason or o.state}
+    if not rows:
+        return
+    splits = run_dir / "splits.csv"
+    trained: set[str] = set()
+    if splits.is_file():
+        with splits.open(newline="", encoding="utf-8") as fh:
+            trained = {r["slide_id"] for r in csv.DictReader(fh)}
+    for r in rows.values():
+        r["trained_on"] = r["slide_id"] in trained
+    write_predictions_csv(rows.values(), index)
+    if "predict" in cfg.stages:
+        new = [r for r in rows.values() if not r["trained_on"]]
+        path = write_predictions_csv(new, Path(cfg.out) / "predictions.csv")
+        echo(f"predictions of {len(new)} slide(s) the model did not train on → {path}")

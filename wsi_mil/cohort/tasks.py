@@ -1,0 +1,292 @@
+"""The tasks ``wsi-mil run`` sends to Dask workers: one per slide and stage, plus training.
+
+Tasks take only paths, strings and plain dict configs, and open slides, encoders and
+models themselves (encoders and models are cached per worker process). Each returns a
+:class:`~wsi_mil.cohort.runner.SlideOutcome` and never raises: failures are outcomes,
+recorded in ``OUT/status.csv`` by the worker through :func:`~wsi_mil.cohort.runner.run_step`.
+
+Resuming: a (slide, stage) is skipped when status.csv says ``done``/``empty`` *and* its
+outputs are complete; a ``failed`` one is not retried unless ``retry_failed``. An output
+without a status row (the worker died between writing it and recording it) is redone.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from wsi_mil.cohort.runner import SlideOutcome, run_step
+
+#: Upstream states after which a slide's next stage can run.
+READY = ("done", "skipped")
+TRAIN_ROW = "*"  # slide_id of cohort-level rows in status.csv
+
+
+def gate(
+    sid: str, stage: str, prev: Mapping[str, str] | None, retry_failed: bool, complete: Callable[[], bool]
+) -> SlideOutcome | None:
+    """The outcome without running (skipped / not retried), or None to run the work."""
+    state = (prev or {}).get("state", "")
+    if state in ("done", "empty") and complete():
+        n = (prev or {}).get("n_patches") or ""
+        return SlideOutcome(sid, stage, "skipped", n_patches=int(n) if n.isdigit() else None, detail=state)
+    if state == "failed" and not retry_failed:
+        return SlideOutcome(sid, stage, "not_retried", reason=(prev or {}).get("reason", ""))
+    return None
+
+
+def blocked(sid: str, stage: str, upstream: SlideOutcome | None, allow_empty: bool = True) -> SlideOutcome | None:
+    """A ``blocked`` outcome when the slide's previous stage did not leave usable output."""
+    if upstream is None:
+        return None
+    ok = upstream.state in (*READY, "empty") if allow_empty else upstream.state in READY
+    if not allow_empty and upstream.state == "skipped" and upstream.detail == "empty":
+        ok = False
+    if ok:
+        return None
+    why = {"empty": "no patches", "not_retried": "failed earlier"}.get(upstream.state, upstream.state)
+    return SlideOutcome(sid, stage, "blocked", reason=f"{upstream.stage} {why}")
+
+
+def set_torch_threads(threads: int, slots_by_host: Mapping[str, int] | None = None) -> int:
+    """Torch CPU threads for this task: ``threads``, or the host's cores / its task slots."""
+    import torch
+
+    n = threads
+    if n <= 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        slots = 1
+        try:
+            from distributed import get_worker
+
+            w = get_worker()
+            host = w.address.rsplit(":", 1)[0].split("://")[-1]
+            slots = (slots_by_host or {}).get(host) or w.state.nthreads
+        except (ImportError, ValueError):
+            pass  # not in a Dask worker: the whole process
+        n = max(1, cores // max(1, slots))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# --------------------------------------------------------------------------- tile
+
+
+def tile_task(
+    out: str,
+    slide: Mapping[str, Any],
+    tile_cfg: Mapping[str, Any],
+    mpp: float | None,
+    prev: Mapping[str, str] | None,
+    retry_failed: bool,
+) -> SlideOutcome:
+    """Tile one slide (``slide``: ``path``, ``slide_id``, ``mpp``)."""
+    from wsi_mil.cohort.inputs import SlideInput
+    from wsi_mil.config import from_mapping
+    from wsi_mil.tiling.cohort import STAGE, tile_one
+    from wsi_mil.tiling.run import TileConfig, is_tiled
+
+    sid, outp = str(slide["slide_id"]), Path(out)
+    early = gate(sid, STAGE, prev, retry_failed, lambda: is_tiled(outp, sid))
+    if early is not None:
+        return early
+    item = SlideInput(Path(slide["path"]), sid, slide.get("mpp"))
+
+    def work() -> SlideOutcome:
+        return tile_one(item, outp, from_mapping(TileConfig, tile_cfg, "tile"), mpp=mpp, overwrite=True)
+
+    return run_step(outp, sid, STAGE, work)
+
+
+# --------------------------------------------------------------------------- extract
+
+
+@functools.lru_cache(maxsize=2)
+def cached_runner(cfg: Any) -> Any:
+    """The encoder of ``cfg`` (an ExtractConfig), built once per worker process."""
+    from wsi_mil.features.registry import create_encoder
+    from wsi_mil.features.runtime import Runner
+
+    enc = create_encoder(cfg.encoder, weights=cfg.weights)
+    return Runner(enc, cfg.device, cfg.precision, cfg.fold_bn, cfg.channels_last, cfg.compile)
+
+
+def extract_task(
+    upstream: SlideOutcome | None,
+    out: str,
+    sid: str,
+    extract_cfg: Mapping[str, Any],
+    prev: Mapping[str, str] | None,
+    retry_failed: bool,
+    threads: int = 0,
+    slots_by_host: Mapping[str, int] | None = None,
+) -> SlideOutcome:
+    """Extract one slide's bag once its tiling is done."""
+    import multiprocessing
+
+    from wsi_mil.config import dump_config, from_mapping
+    from wsi_mil.features.cohort import STAGE, extract_one
+    from wsi_mil.features.extract import ExtractConfig, bag_path, encoder_dirname, is_extracted
+
+    stop = blocked(sid, STAGE, upstream)
+    if stop is not None:
+        return stop
+    outp = Path(out)
+    cfg = from_mapping(ExtractConfig, extract_cfg, "extract")
+
+    def complete() -> bool:
+        from wsi_mil.io import h5
+
+        n = len(h5.read_patches(outp / "patches" / f"{sid}.h5").coords)
+        return is_extracted(bag_path(outp, cfg.encoder, sid), cached_runner(cfg).encoder.weights_id, n)
+
+    early = gate(sid, STAGE, prev, retry_failed, complete)
+    if early is not None:
+        return early
+
+    def work() -> SlideOutcome:
+        set_torch_threads(threads, slots_by_host)
+        runner = cached_runner(cfg)
+        run_cfg = cfg
+        if multiprocessing.current_process().daemon:  # a daemonic Dask worker cannot fork readers
+            run_cfg = replace(cfg, workers=0)
+        desc = outp / "features" / encoder_dirname(cfg.encoder) / "extract_config.yaml"
+        if not desc.exists():
+            dump_config(desc, {"extract": cfg, "encoder": {**runner.encoder.attrs(), **runner.describe()}})
+        return extract_one(outp, sid, runner, run_cfg, overwrite=True)
+
+    return run_step(outp, sid, STAGE, work)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def train_task(
+    bags: Sequence[SlideOutcome | None],
+    out: str,
+    labels: str,
+    encoder: str,
+    train_cfg: Mapping[str, Any],
+    cohort_ids: Sequence[str],
+    prev: Mapping[str, str] | None,
+    retry_failed: bool,
+    threads: int = 0,
+) -> SlideOutcome:
+    """Train the MIL run on every labelled slide of the cohort that has a non-empty bag."""
+    from wsi_mil.mil.config import config_from_dict
+
+    outp = Path(out)
+    cfg = config_from_dict(dict(train_cfg), "train")
+    run_dir = outp / "models" / cfg.run_name
+    if run_dir.is_dir():  # written atomically: it exists only complete
+        return SlideOutcome(TRAIN_ROW, "train", "skipped", detail=str(run_dir), result=str(run_dir))
+    if (prev or {}).get("state") == "failed" and not retry_failed:
+        return SlideOutcome(TRAIN_ROW, "train", "not_retried", reason=(prev or {}).get("reason", ""))
+
+    def work() -> SlideOutcome:
+        import torch
+
+        from wsi_mil.features.extract import bag_path, encoder_dirname
+        from wsi_mil.io.atomic import write_text_atomic
+        from wsi_mil.mil.data import read_labels
+        from wsi_mil.mil.train import train_run
+
+        table = read_labels(labels)
+        upstream = {b.slide_id: b for b in bags if b is not None}
+        usable, left_out = [], []
+        for sid, y in zip(table.slide_ids, table.y, strict=True):
+            b = upstream.get(sid)
+            ok = sid in cohort_ids and (b is None or b.state in READY) and _n_rows(bag_path(outp, encoder, sid)) > 0
+            (usable if ok else left_out).append((sid, table.classes[int(y)]))
+        if not usable:
+            raise ValueError(f"{labels}: no labelled slide of the cohort has a feature bag")
+        csv = outp / "train_labels.csv"
+        write_text_atomic(csv, "slide_id,label\n" + "".join(f"{s},{c}\n" for s, c in usable))
+        torch.set_num_threads(threads if threads > 0 else max(1, len(os.sched_getaffinity(0))))
+        path = train_run(outp, csv, encoder_dirname(encoder), cfg, progress=False)
+        note = f"{len(left_out)} labelled slide(s) without a usable bag left out of training" if left_out else ""
+        return SlideOutcome(
+            TRAIN_ROW, "train", "done", n_patches=len(usable), detail=str(path), note=note, result=str(path)
+        )
+
+    return run_step(outp, TRAIN_ROW, "train", work)
+
+
+def _n_rows(path: Path) -> int:
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            return int(f["features"].shape[0])
+    except (OSError, KeyError):
+        return 0
+
+
+# --------------------------------------------------------------------------- heatmap / predict
+
+
+def heatmap_task(
+    upstream: SlideOutcome | None,
+    trained: SlideOutcome | None,
+    out: str,
+    run_dir: str,
+    sid: str,
+    slide_path: str | None,
+    options: Mapping[str, Any],
+    prev: Mapping[str, str] | None,
+    retry_failed: bool,
+    threads: int = 0,
+    slots_by_host: Mapping[str, int] | None = None,
+) -> SlideOutcome:
+    """Diagnose one slide with the run and write its heatmaps (``OUT/heatmaps/<run>/<id>.*``)."""
+    from wsi_mil.heatmaps.write import heatmap_paths
+
+    stage = "heatmap"
+    if trained is not None and trained.state not in READY:
+        return SlideOutcome(sid, stage, "blocked", reason="training did not finish")
+    stop = blocked(sid, stage, upstream, allow_empty=False)
+    if stop is not None:
+        return stop
+    outp, run = Path(out), Path(run_dir).name
+    paths = heatmap_paths(outp, run, sid)
+    early = gate(sid, stage, prev, retry_failed, lambda: paths["h5"].is_file() and paths["png"].is_file())
+    if early is not None:
+        if early.state == "skipped":
+            early.result = _stored_row(paths["h5"], sid)
+        return early
+
+    def work() -> SlideOutcome:
+        from wsi_mil.predict import predict_slide
+
+        set_torch_threads(threads, slots_by_host)
+        row = predict_slide(outp, run_dir, sid, slide_path, heatmap_options=dict(options))
+        return SlideOutcome(
+            sid, stage, "done", n_patches=int(row["n_patches"]), detail=f"{run}: {row['prediction']}", result=row
+        )
+
+    return run_step(outp, sid, stage, work)
+
+
+def _stored_row(path: Path, sid: str) -> dict[str, Any] | None:
+    """The prediction row kept in a heatmap file's attributes (for slides skipped on resume)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            a = dict(f.attrs)
+            n = int(f["coords"].shape[0]) if "coords" in f else 0
+    except (OSError, KeyError):
+        return None
+
+    def plain(v: Any) -> Any:
+        return v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
+
+    row: dict[str, Any] = {"slide_id": sid, "prediction": plain(a.get("prediction", ""))}
+    row.update({k: float(plain(v)) for k, v in a.items() if k.startswith("prob_")})
+    row["n_patches"] = n
+    return row
