@@ -72,6 +72,8 @@
       maxZoomPixelRatio: 2,
       gestureSettingsMouse: { clickToZoom: false },
       timeout: 60000,
+      // The 2D canvas drawer: exact colours (no WebGL resampling) and fast without a GPU.
+      drawer: "canvas",
     });
     const canvas = document.createElement("canvas");
     canvas.id = "annotations";
@@ -403,6 +405,14 @@
     loaded() {
       const items = [state.slideItem, state.overlayItem].filter(Boolean);
       return items.length > 0 && items.every((it) => it.getFullyLoaded());
+    },
+    // Tiles loaded and the viewport at rest (no zoom or pan animation running).
+    idle() {
+      const vp = state.viewer.viewport;
+      const c0 = vp.getCenter(true);
+      const c1 = vp.getCenter(false);
+      const still = Math.abs(vp.getZoom(true) - vp.getZoom(false)) < 1e-9 && c0.distanceTo(c1) < 1e-9;
+      return this.loaded() && still && !state.inFlight;
     },
   };
 
