@@ -115,8 +115,20 @@ class CohortConfig:
         }
 
 
-_TOP = ("slides", "out", "labels", "stages", "scheduler", "mpp", "model", "cluster",
-        "tile", "extract", "train", "heatmap")
+_TOP = (
+    "slides",
+    "out",
+    "labels",
+    "stages",
+    "scheduler",
+    "mpp",
+    "model",
+    "cluster",
+    "tile",
+    "extract",
+    "train",
+    "heatmap",
+)
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -9,18 +9,17 @@ prints progress and a summary, and writes the cohort-level CSVs.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cohort import status
 from wsi_mil.cohort.config import CohortConfig
-from wsi_mil.cohort.runner import SlideOutcome, failure_reason
-from wsi_mil.errors import ConfigError, WsiMilError
+from wsi_mil.cohort.executors import Job, open_executor
+from wsi_mil.cohort.runner import SlideOutcome
+from wsi_mil.errors import WsiMilError
 
 COUNTED = ("done", "empty", "skipped", "failed", "not_retried", "blocked")
 
@@ -112,17 +111,6 @@ class RunSummary:
         return rows
 
 
-@dataclass
-class _Job:
-    key: str
-    stage: str
-    slide_id: str
-    fn: Callable[..., SlideOutcome]
-    deps: list[str | list[str] | None]  # keys of upstream jobs, passed first (a list for train)
-    args: tuple[Any, ...]
-    resources: dict[str, int] | None = None
-
-
 def clean_partials(out: Path) -> int:
     """Remove temporary ``.*.partial`` files left by killed writers (only while holding the lock)."""
     n = 0
@@ -199,9 +187,8 @@ def run_cohort(
             dump_config(out / "tile_config.yaml", {"tile": cfg.tile})
         summary = RunSummary(out, n_slides=len(inputs))
         summary.run_dir = _run_dir(cfg)
-        prev = {(r["slide_id"], r["stage"]): r for r in status.read_status(out)}
-        with _executor(cfg, where, echo) as ex:
-            jobs = _plan(cfg, inputs, prev, retry_failed, ex.gpu_workers, ex.slots_by_host)
+        with open_executor(cfg, where, echo) as ex:
+            jobs = _plan(cfg, inputs, retry_failed, ex.gpu_workers, ex.slots_by_host)
             for name in _stage_names(cfg):
                 summary.stages[name] = StageReport(name)
             by_key = {j.key: j for j in jobs}
@@ -246,11 +233,10 @@ def _run_name(cfg: CohortConfig) -> str:
 def _plan(
     cfg: CohortConfig,
     inputs: list[Any],
-    prev: Mapping[tuple[str, str], Mapping[str, str]],
     retry: bool,
     gpu_workers: bool,
     slots: Mapping[str, int],
-) -> list[_Job]:
+) -> list[Job]:
     """The task graph, in an order that is also a valid sequential order."""
     import dataclasses
 
@@ -259,7 +245,7 @@ def _plan(
 
     run = uuid.uuid4().hex[:8]
     threads = cfg.cluster.torch_threads
-    jobs: list[_Job] = []
+    jobs: list[Job] = []
     tile_key: dict[str, str | None] = {}
     ext_key: dict[str, str | None] = {}
     ext_gpu = _wants_gpu(cfg.extract.device, gpu_workers)
@@ -269,31 +255,69 @@ def _plan(
         if "tile" in cfg.stages:
             slide = {"path": str(item.path), "slide_id": sid, "mpp": item.mpp}
             tile_key[sid] = f"tile-{sid}-{run}"
-            jobs.append(_Job(tile_key[sid], "tile", sid, tasks.tile_task, [],
-                             (str(cfg.out), slide, to_dict(cfg.tile), cfg.mpp, prev.get((sid, "tile")), retry)))
+            jobs.append(
+                Job(
+                    tile_key[sid],
+                    "tile",
+                    sid,
+                    tasks.tile_task,
+                    [],
+                    (str(cfg.out), slide, to_dict(cfg.tile), cfg.mpp, retry),
+                )
+            )
     for item in inputs:
         sid = item.slide_id
         ext_key[sid] = None
         if "extract" in cfg.stages:
             ext_key[sid] = f"extract-{sid}-{run}"
-            jobs.append(_Job(ext_key[sid], "extract", sid, tasks.extract_task, [tile_key[sid]],
-                             (str(cfg.out), sid, to_dict(cfg.extract), prev.get((sid, "extract")), retry,
-                              threads, dict(slots)), {"GPU": 1} if ext_gpu else None))
+            jobs.append(
+                Job(
+                    ext_key[sid],
+                    "extract",
+                    sid,
+                    tasks.extract_task,
+                    [tile_key[sid]],
+                    (str(cfg.out), sid, to_dict(cfg.extract), retry, threads, dict(slots)),
+                    {"GPU": 1} if ext_gpu else None,
+                )
+            )
     train_key = None
     if "train" in cfg.stages:
         train_cfg = dataclasses.replace(cfg.train, run_name=_run_name(cfg))
         train_key = f"train-{run}"
-        jobs.append(_Job(train_key, "train", tasks.TRAIN_ROW, tasks.train_task, [[k for k in ext_key.values() if k]],
-                         (str(cfg.out), str(cfg.labels), cfg.extract.encoder, train_cfg.to_dict(),
-                          [i.slide_id for i in inputs], prev.get((tasks.TRAIN_ROW, "train")), retry, threads),
-                         {"GPU": 1} if _wants_gpu(cfg.train.device, gpu_workers) else None))
+        jobs.append(
+            Job(
+                train_key,
+                "train",
+                tasks.TRAIN_ROW,
+                tasks.train_task,
+                [[k for k in ext_key.values() if k]],
+                (
+                    str(cfg.out),
+                    str(cfg.labels),
+                    cfg.extract.encoder,
+                    train_cfg.to_dict(),
+                    [i.slide_id for i in inputs],
+                    retry,
+                    threads,
+                ),
+                {"GPU": 1} if _wants_gpu(cfg.train.device, gpu_workers) else None,
+            )
+        )
     if any(s in cfg.stages for s in ("heatmap", "predict")):
         run_dir = str(_run_dir(cfg))
         for item in inputs:
             sid = item.slide_id
-            jobs.append(_Job(f"heatmap-{sid}-{run}", "heatmap", sid, tasks.heatmap_task, [ext_key[sid], train_key],
-                             (str(cfg.out), run_dir, sid, str(item.path), to_dict(cfg.heatmap),
-                              prev.get((sid, "heatmap")), retry, threads, dict(slots))))
+            jobs.append(
+                Job(
+                    f"heatmap-{sid}-{run}",
+                    "heatmap",
+                    sid,
+                    tasks.heatmap_task,
+                    [ext_key[sid], train_key],
+                    (str(cfg.out), run_dir, sid, str(item.path), to_dict(cfg.heatmap), retry, threads, dict(slots)),
+                )
+            )
     return jobs
 
 
@@ -301,164 +325,10 @@ def _wants_gpu(device: str, gpu_workers: bool) -> bool:
     return device.startswith("cuda") or (device == "auto" and gpu_workers)
 
 
-# --------------------------------------------------------------------------- executors
-
-
-class _Sequential:
-    """Runs the jobs in this process, in plan order (no Dask)."""
-
-    gpu_workers = False
-    slots_by_host: dict[str, int] = {}  # noqa: RUF012 - read only
-
-    def run(self, jobs: list[_Job]) -> Iterator[tuple[str, SlideOutcome]]:
-        done: dict[str, SlideOutcome] = {}
-        for job in jobs:
-            deps = [[done[k] for k in d] if isinstance(d, list) else (done[d] if d else None) for d in job.deps]
-            done[job.key] = job.fn(*deps, *job.args)
-            yield job.key, done[job.key]
-
-
-class _Dask:
-    """Submits the jobs to a Dask cluster; upstream outcomes travel as futures."""
-
-    def __init__(self, client: Any) -> None:
-        self.client = client
-        info = client.scheduler_info()["workers"]
-        self.gpu_workers = any("GPU" in (w.get("resources") or {}) for w in info.values())
-        self.slots_by_host: dict[str, int] = {}
-        for w in info.values():
-            self.slots_by_host[w["host"]] = self.slots_by_host.get(w["host"], 0) + int(w["nthreads"])
-
-    def run(self, jobs: list[_Job]) -> Iterator[tuple[str, SlideOutcome]]:
-        from distributed import as_completed
-
-        futures: dict[str, Any] = {}
-        for job in jobs:
-            deps = [[futures[k] for k in d] if isinstance(d, list) else (futures[d] if d else None) for d in job.deps]
-            futures[job.key] = self.client.submit(
-                job.fn, *deps, *job.args, key=job.key, pure=False, resources=job.resources
-            )
-        errored: set[str] = set()
-        by_future = {f.key: j for j, f in zip(jobs, futures.values(), strict=True)}
-        for fut in as_completed(list(futures.values())):
-            job = by_future[fut.key]
-            if fut.status == "finished":
-                yield job.key, fut.result()
-                continue
-            # The task raised outside its own guard, or its worker died too often (KilledWorker).
-            errored.add(job.key)
-            upstream = [k for d in job.deps for k in (d if isinstance(d, list) else [d]) if k]
-            if any(k in errored for k in upstream):
-                yield job.key, SlideOutcome(job.slide_id, job.stage, "blocked", reason="an earlier stage crashed")
-                continue
-            reason = failure_reason(fut.exception())
-            status.record(self._out(job), job.slide_id, job.stage, "failed", reason=reason)
-            yield job.key, SlideOutcome(job.slide_id, job.stage, "failed", reason=reason)
-
-    @staticmethod
-    def _out(job: _Job) -> str:
-        return str(job.args[0])
-
-
-class _executor:  # noqa: N801 - used like a function
-    """Context manager yielding an executor: sequential, an existing cluster, or a LocalCluster."""
-
-    def __init__(self, cfg: CohortConfig, where: str | None, echo: Callable[[str], None]) -> None:
-        self.cfg, self.where, self.echo = cfg, where, echo
-        self._close: list[Any] = []
-
-    def __enter__(self) -> _Sequential | _Dask:
-        if self.where == "sequential":
-            self.echo("running in this process (scheduler: sequential)")
-            return _Sequential()
-        from distributed import Client
-
-        if self.where:
-            try:
-                if self.where.endswith(".json"):
-                    client = Client(scheduler_file=self.where, timeout="20s")
-                else:
-                    client = Client(self.where, timeout="20s")
-            except OSError as exc:
-                raise ConfigError(f"cannot reach the Dask scheduler at {self.where} ({exc})") from exc
-            self._close.append(client)
-            n = len(client.scheduler_info()["workers"])
-            self.echo(f"Dask scheduler {self.where}: {n} worker(s)")
-        else:
-            cluster = _local_cluster(self.cfg)
-            self._close.append(cluster)
-            client = Client(cluster)
-            self._close.insert(0, client)
-            n = len(cluster.worker_spec)
-            client.wait_for_workers(n, timeout=120)
-            dash = f", dashboard {client.dashboard_link}" if self.cfg.cluster.dashboard else ""
-            self.echo(f"Dask LocalCluster: {n} worker process(es){dash}")
-        ex = _Dask(client)
-        needs_gpu = self.cfg.extract.device.startswith("cuda") and "extract" in self.cfg.stages
-        if needs_gpu and not ex.gpu_workers and client.scheduler_info()["workers"]:
-            raise ConfigError(
-                    f"{self.cfg.source}: extract.device is {self.cfg.extract.device} but no Dask worker declares a "
-                    "GPU resource; start GPU workers with `dask worker ... --resources GPU=1`"
-                )
-        return ex
-
-    def __exit__(self, *exc: object) -> None:
-        for obj in self._close:
-            with contextlib.suppress(Exception):  # closing must not hide the run's own error
-                obj.close()
-
-
-def _local_cluster(cfg: CohortConfig) -> Any:
-    """One worker process per core (1 thread each), plus one ``GPU=1`` worker per GPU."""
-    import logging
-    import os
-
-    from distributed import LocalCluster, Nanny
-
-    c = cfg.cluster
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n_gpu = c.gpu_workers
-    if n_gpu < 0:
-        n_gpu = _visible_gpus() if _gpu_stage(cfg) else 0
-    n_cpu = c.n_workers or max(1, cores - n_gpu)
-    cluster = LocalCluster(
-        n_workers=n_cpu,
-        threads_per_worker=c.threads_per_worker,
-        processes=True,
-        memory_limit=c.memory_limit,
-        dashboard_address=":0" if c.dashboard else None,
-        silence_logs=logging.ERROR,
-    )
-    if n_gpu:
-        base = dict(cluster.new_spec["options"])
-        for g in range(n_gpu):
-            cluster.worker_spec[f"gpu-{g}"] = {
-                "cls": Nanny,
-                "options": {**base, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(g)}},
-            }
-        cluster.scale(len(cluster.worker_spec))
-    return cluster
-
-
-def _gpu_stage(cfg: CohortConfig) -> bool:
-    return ("extract" in cfg.stages and cfg.extract.device != "cpu") or (
-        "train" in cfg.stages and cfg.train.device != "cpu"
-    )
-
-
-def _visible_gpus() -> int:
-    try:
-        import torch
-
-        return int(torch.cuda.device_count())
-    except Exception:  # no usable CUDA runtime
-        return 0
-
-
 class _bars:  # noqa: N801 - used like a function
     """One rich progress bar per stage (a no-op when disabled)."""
 
-    def __init__(self, stages: Mapping[str, StageReport], jobs: list[_Job], enabled: bool) -> None:
+    def __init__(self, stages: Mapping[str, StageReport], jobs: list[Job], enabled: bool) -> None:
         self.totals = {s: sum(j.stage == s for j in jobs) for s in stages}
         self.enabled = enabled
         self._p: Any = None

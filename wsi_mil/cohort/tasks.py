@@ -26,10 +26,22 @@ READY = ("done", "skipped")
 TRAIN_ROW = "*"  # slide_id of cohort-level rows in status.csv
 
 
+def current_row(out: str | Path, sid: str, stage: str) -> dict[str, str] | None:
+    """The status.csv row of (``sid``, ``stage``) as it is now."""
+    from wsi_mil.cohort import status
+
+    return next((r for r in status.read_status(out) if r["slide_id"] == sid and r["stage"] == stage), None)
+
+
 def gate(
-    sid: str, stage: str, prev: Mapping[str, str] | None, retry_failed: bool, complete: Callable[[], bool]
+    out: str | Path, sid: str, stage: str, retry_failed: bool, complete: Callable[[], bool]
 ) -> SlideOutcome | None:
-    """The outcome without running (skipped / not retried), or None to run the work."""
+    """The outcome without running (skipped / not retried), or None to run the work.
+
+    The status row is read when the task runs, not when it was planned, so a task that
+    Dask runs again (its worker died after it finished) finds its own row and skips.
+    """
+    prev = current_row(out, sid, stage)
     state = (prev or {}).get("state", "")
     if state in ("done", "empty") and complete():
         n = (prev or {}).get("n_patches") or ""
@@ -82,7 +94,6 @@ def tile_task(
     slide: Mapping[str, Any],
     tile_cfg: Mapping[str, Any],
     mpp: float | None,
-    prev: Mapping[str, str] | None,
     retry_failed: bool,
 ) -> SlideOutcome:
     """Tile one slide (``slide``: ``path``, ``slide_id``, ``mpp``)."""
@@ -92,7 +103,7 @@ def tile_task(
     from wsi_mil.tiling.run import TileConfig, is_tiled
 
     sid, outp = str(slide["slide_id"]), Path(out)
-    early = gate(sid, STAGE, prev, retry_failed, lambda: is_tiled(outp, sid))
+    early = gate(outp, sid, STAGE, retry_failed, lambda: is_tiled(outp, sid))
     if early is not None:
         return early
     item = SlideInput(Path(slide["path"]), sid, slide.get("mpp"))
@@ -121,7 +132,6 @@ def extract_task(
     out: str,
     sid: str,
     extract_cfg: Mapping[str, Any],
-    prev: Mapping[str, str] | None,
     retry_failed: bool,
     threads: int = 0,
     slots_by_host: Mapping[str, int] | None = None,
@@ -145,7 +155,7 @@ def extract_task(
         n = len(h5.read_patches(outp / "patches" / f"{sid}.h5").coords)
         return is_extracted(bag_path(outp, cfg.encoder, sid), cached_runner(cfg).encoder.weights_id, n)
 
-    early = gate(sid, STAGE, prev, retry_failed, complete)
+    early = gate(outp, sid, STAGE, retry_failed, complete)
     if early is not None:
         return early
 
@@ -173,7 +183,6 @@ def train_task(
     encoder: str,
     train_cfg: Mapping[str, Any],
     cohort_ids: Sequence[str],
-    prev: Mapping[str, str] | None,
     retry_failed: bool,
     threads: int = 0,
 ) -> SlideOutcome:
@@ -185,8 +194,9 @@ def train_task(
     run_dir = outp / "models" / cfg.run_name
     if run_dir.is_dir():  # written atomically: it exists only complete
         return SlideOutcome(TRAIN_ROW, "train", "skipped", detail=str(run_dir), result=str(run_dir))
-    if (prev or {}).get("state") == "failed" and not retry_failed:
-        return SlideOutcome(TRAIN_ROW, "train", "not_retried", reason=(prev or {}).get("reason", ""))
+    prev = current_row(outp, TRAIN_ROW, "train") or {}
+    if prev.get("state") == "failed" and not retry_failed:
+        return SlideOutcome(TRAIN_ROW, "train", "not_retried", reason=prev.get("reason", ""))
 
     def work() -> SlideOutcome:
         import torch
@@ -238,7 +248,6 @@ def heatmap_task(
     sid: str,
     slide_path: str | None,
     options: Mapping[str, Any],
-    prev: Mapping[str, str] | None,
     retry_failed: bool,
     threads: int = 0,
     slots_by_host: Mapping[str, int] | None = None,
@@ -254,7 +263,7 @@ def heatmap_task(
         return stop
     outp, run = Path(out), Path(run_dir).name
     paths = heatmap_paths(outp, run, sid)
-    early = gate(sid, stage, prev, retry_failed, lambda: paths["h5"].is_file() and paths["png"].is_file())
+    early = gate(outp, sid, stage, retry_failed, lambda: paths["h5"].is_file() and paths["png"].is_file())
     if early is not None:
         if early.state == "skipped":
             early.result = _stored_row(paths["h5"], sid)
