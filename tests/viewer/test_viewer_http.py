@@ -63,17 +63,34 @@ def test_slide_info(client: TestClient, viewer_out: ViewerOut) -> None:
     assert len(info["legend"]) == 32 and info["legend"][0].startswith("#")
 
 
-def test_labels_from_run_config(tmp_path: Path, viewer_out: ViewerOut) -> None:
-    """The labels CSV named in models/<run>/config.yaml gives each slide its label."""
+def test_labels_and_prediction_sources(tmp_path: Path, viewer_out: ViewerOut) -> None:
+    """Labels come from the run's labels CSV; predict beats out-of-fold beats in-sample."""
     out = tmp_path / "out"
     shutil.copytree(viewer_out.out, out)
     labels = tmp_path / "labels.csv"
-    labels.write_text("case_id,slide_id,label\np1,case_1,tumour\np2,ghost_2,normal\n")
-    (out / "models" / RUN).mkdir(parents=True)
-    (out / "models" / RUN / "config.yaml").write_text(f"labels_csv: {labels}\n")
+    labels.write_text("case_id,slide_id,label\np1,case_1,tumour\np2,ghost_2,normal\np3,third_3,normal\n")
+    run_dir = out / "models" / RUN
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(f"labels_csv: {labels}\n")
+    (run_dir / "predictions.csv").write_text(
+        "slide_id,label,fold,prediction,prob_normal,prob_tumour\nghost_2,normal,0,tumour,0.4,0.6\n"
+    )
+    (out / "heatmaps" / RUN / "index.csv").write_text(
+        "slide_id,prediction,prob_normal,prob_tumour,n_patches,status,error,slide_path\n"
+        "case_1,normal,0.7,0.3,5,ok,,\nghost_2,normal,0.99,0.01,5,ok,,\nthird_3,,,,0,failed,unreadable,\n"
+    )
     with TestClient(create_app(out, require_static=False)) as c:
         rows = {s["slide_id"]: s for s in c.get("/api/slides").json()["slides"]}
     assert rows["case_1"]["label"] == "tumour" and rows["ghost_2"]["label"] == "normal"
+    assert (rows["case_1"]["prediction"], rows["case_1"]["prediction_source"]) == ("tumour", "predict")
+    assert rows["ghost_2"]["prediction_source"] == "predict"  # OUT/predictions.csv names it too
+    assert rows["third_3"]["prediction"] is None and rows["third_3"]["label"] == "normal"
+    (out / "predictions.csv").unlink()
+    with TestClient(create_app(out, require_static=False)) as c:
+        rows = {s["slide_id"]: s for s in c.get("/api/slides").json()["slides"]}
+    assert (rows["case_1"]["prediction"], rows["case_1"]["prediction_source"]) == ("normal", "in-sample")
+    assert rows["ghost_2"]["probs"] == {"normal": 0.4, "tumour": 0.6}
+    assert rows["ghost_2"]["prediction_source"] == "out-of-fold"
 
 
 # -- Deep Zoom of the slide ----------------------------------------------------------------

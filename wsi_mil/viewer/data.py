@@ -44,11 +44,14 @@ class SlideRecord:
     probs : dict of str to float
         Slide-level class probabilities, by class name.
     n_patches : int or None
-        Patches in the slide's heatmap (else its tiling).
+        Patches of the slide's tiling (or its predictions row).
     heatmap : Path or None
         ``heatmaps/<run>/<id>.h5`` when present.
     mask : Path or None
         ``masks/<id>.geojson`` (tissue contours) when present.
+    prediction_source : str or None
+        ``predict`` (new slide), ``out-of-fold`` (cross-validation) or ``in-sample``
+        (a slide the model was trained on: not an honest estimate).
     """
 
     slide_id: str
@@ -59,6 +62,7 @@ class SlideRecord:
     n_patches: int | None = None
     heatmap: Path | None = None
     mask: Path | None = None
+    prediction_source: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready row of the slide list."""
@@ -66,6 +70,7 @@ class SlideRecord:
             "slide_id": self.slide_id,
             "label": self.label,
             "prediction": self.prediction,
+            "prediction_source": self.prediction_source,
             "probs": self.probs,
             "n_patches": self.n_patches,
             "has_slide": self.path is not None,
@@ -192,24 +197,41 @@ class ViewerData:
             rec.path = next((p for p in candidates if p.is_file()), None)
 
     def _predictions(self, paths: dict[str, list[Path]]) -> None:
-        """``OUT/predictions.csv`` (``wsi-mil predict``), else the run's out-of-fold predictions."""
-        rows = _read_csv(self.out / "predictions.csv")
-        if not rows and self.run is not None:
-            rows = _read_csv(self.out / "models" / self.run / "predictions.csv")
-        for row in rows:
-            sid = row.get("slide_id")
-            if not sid:
-                continue
-            rec = self._record(sid)
-            rec.prediction = row.get("prediction") or rec.prediction
-            rec.label = row.get("label") or rec.label
-            probs = {k[5:]: _float(v) for k, v in row.items() if k and k.startswith("prob_")}
-            rec.probs = {k: v for k, v in probs.items() if v is not None}
-            n = _float(row.get("n_patches"))
-            if n is not None:
-                rec.n_patches = int(n)
-            if row.get("path"):
-                paths.setdefault(sid, []).insert(0, Path(row["path"]))
+        """Slide predictions, best source last so that it wins.
+
+        ``heatmaps/<run>/index.csv`` (ensemble on slides the run may have trained on:
+        in-sample), then ``models/<run>/predictions.csv`` (out-of-fold), then
+        ``OUT/predictions.csv`` (``wsi-mil predict`` on new slides).
+        """
+        sources = [(self.out / "predictions.csv", "predict")]
+        if self.run is not None:
+            sources[:0] = [
+                (self.out / "heatmaps" / self.run / "index.csv", "in-sample"),
+                (self.out / "models" / self.run / "predictions.csv", "out-of-fold"),
+            ]
+        for csv_path, source in sources:
+            for row in _read_csv(csv_path):
+                self._prediction_row(row, source, paths)
+
+    def _prediction_row(self, row: dict[str, str], source: str, paths: dict[str, list[Path]]) -> None:
+        sid = row.get("slide_id")
+        if not sid:
+            return
+        rec = self._record(sid)
+        for key in ("slide_path", "path"):
+            if row.get(key):
+                paths.setdefault(sid, []).insert(0, Path(row[key]))
+        if row.get("label"):
+            rec.label = row["label"]
+        n = _float(row.get("n_patches"))
+        if n is not None and n > 0:
+            rec.n_patches = int(n)
+        if not row.get("prediction") or row.get("status", "ok") not in ("ok", ""):
+            return  # a failed slide: keep what a better source said
+        probs = {k[5:]: _float(v) for k, v in row.items() if k and k.startswith("prob_")}
+        rec.prediction = row["prediction"]
+        rec.probs = {k: v for k, v in probs.items() if v is not None}
+        rec.prediction_source = source
 
     def _labels(self) -> None:
         """Labels of the run's labels CSV (``slide_id,label`` or CLAM's ``case_id,slide_id,label``)."""

@@ -38,6 +38,12 @@
   }
 
   // ---------------------------------------------------------------- slide list
+  // Where a prediction comes from; in-sample ones are not honest estimates.
+  const SOURCE_MARKS = { "out-of-fold": "°", "in-sample": "*" };
+  const SOURCE_NOTES = {
+    "out-of-fold": "out-of-fold (cross-validation)",
+    "in-sample": "in-sample: the model was trained on this slide",
+  };
   function predictedProb(s) {
     if (!s.prediction || !(s.prediction in s.probs)) return null;
     return s.probs[s.prediction];
@@ -52,14 +58,21 @@
       const usable = s.has_slide || s.has_heatmap;
       if (!usable) tr.classList.add("disabled");
       if (s.label && s.prediction && s.label !== s.prediction) tr.classList.add("wrong");
+      const mark = SOURCE_MARKS[s.prediction_source] || "";
       tr.innerHTML =
         `<td>${esc(s.slide_id)}</td><td>${esc(s.label ?? "–")}</td>` +
-        `<td class="pred">${esc(s.prediction ?? "–")}</td><td class="num">${fmt(predictedProb(s), 2)}</td>`;
+        `<td class="pred">${esc(s.prediction ?? "–")}${mark}</td><td class="num">${fmt(predictedProb(s), 2)}</td>`;
       const probs = Object.entries(s.probs).map(([k, v]) => `P(${k}) = ${fmt(v)}`);
-      tr.title = [s.n_patches != null ? `${s.n_patches} patches` : "", ...probs].filter(Boolean).join("\n");
+      const source = s.prediction_source ? `prediction: ${s.prediction_source}` : "";
+      tr.title = [s.n_patches != null ? `${s.n_patches} patches` : "", source, ...probs].filter(Boolean).join("\n");
       if (usable) tr.addEventListener("click", () => openSlide(s.slide_id));
       body.appendChild(tr);
     }
+    const sources = new Set(state.slides.map((s) => s.prediction_source));
+    $("sources").textContent = Object.entries(SOURCE_NOTES)
+      .filter(([k]) => sources.has(k))
+      .map(([k, note]) => `${SOURCE_MARKS[k]} ${note}`)
+      .join("  ");
   }
 
   // ---------------------------------------------------------------- viewer
