@@ -352,3 +352,18 @@ def test_live_server_serves_and_checks_host(live_server: str) -> None:
     assert status == 200 and b"case_1" in data
     status, _ = _raw_get(live_server, "/api/slides", host_header="evil.example:80")
     assert status == 400  # DNS rebinding guard of a loopback server
+
+
+def test_unreadable_slide_file_is_a_500_naming_it(tmp_path: Path, viewer_out: ViewerOut) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(viewer_out.out, out)
+    bad = tmp_path / "case_1.svs"
+    bad.write_text("not a slide")
+    (out / "predictions.csv").write_text(f"slide_id,prediction,slide_path\ncase_1,tumour,{bad}\n")
+    with TestClient(create_app(out, require_static=False)) as c:
+        info = c.get("/api/slides/case_1").json()
+        assert info["dzi"] is None and str(bad) in info["slide_error"]
+        assert info["scores"]  # the heatmap is still there
+        r = c.get("/slides/case_1.dzi")
+        assert r.status_code == 500 and str(bad) in r.json()["error"]
+        assert c.get("/overlay/case_1/attention.dzi").status_code == 200

@@ -4,7 +4,7 @@ The slide list (labels, predictions, probabilities), a deep-zoom view of each sl
 (OpenSeadragon, served from the package), the heatmap as an aligned overlay, patch scores on
 hover or click, top-k patches and tissue contours. Modules: :mod:`~wsi_mil.viewer.data`
 (reading ``OUT``), :mod:`~wsi_mil.viewer.tiles` (Deep Zoom tiles and their cache),
-:mod:`~wsi_mil.viewer.app` (routes), :mod:`~wsi_mil.viewer.serve` (uvicorn).
+:mod:`~wsi_mil.viewer.app` (routes), :mod:`~wsi_mil.viewer.server` (uvicorn).
 Importing this package loads neither Starlette nor a slide library.
 """
 
@@ -23,7 +23,7 @@ def create_app(*args: Any, **kwargs: Any) -> Any:
 
 
 def serve(*args: Any, **kwargs: Any) -> None:
-    """See :func:`wsi_mil.viewer.serve.serve`."""
-    from wsi_mil.viewer.serve import serve as _serve
+    """See :func:`wsi_mil.viewer.server.serve`."""
+    from wsi_mil.viewer.server import serve as _serve
 
     _serve(*args, **kwargs)

@@ -163,6 +163,13 @@ def _not_found(detail: str) -> Any:
     return JSONResponse({"error": detail}, status_code=404)
 
 
+def _unreadable(detail: str) -> Any:
+    """500: the slide is known but its file cannot be read (the reason names file and cause)."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": detail}, status_code=500)
+
+
 def _bad_request(detail: str) -> Any:
     from starlette.responses import JSONResponse
 
@@ -212,11 +219,16 @@ class _Views:
                 n_patches=len(hm.coords),
                 mpp=float(hm.attrs.get(h5.ATTR_MPP, math.nan)),
             )
+        dzi = None
         if rec.path is not None:
-            dims = list(self.slides_tiles.generator(rec.slide_id, rec.path).level_dimensions[-1])
+            try:
+                dims = list(self.slides_tiles.generator(rec.slide_id, rec.path).level_dimensions[-1])
+                dzi = f"/slides/{rec.slide_id}.dzi"
+            except WsiMilError as exc:  # listed, but unreadable: show the heatmap alone
+                info["slide_error"] = str(exc)
         info.update(
             dimensions=dims,
-            dzi=f"/slides/{rec.slide_id}.dzi" if rec.path is not None else None,
+            dzi=dzi,
             colormap=self.overlays.colormap,
             legend=self.overlays.legend(),
         )
@@ -274,7 +286,7 @@ class _Views:
         try:
             xml = self.slides_tiles.dzi(rec.slide_id, rec.path)
         except WsiMilError as exc:
-            return _not_found(str(exc))
+            return _unreadable(str(exc))
         return Response(xml, media_type="application/xml")
 
     def slide_tile(self, request: Any) -> Any:
@@ -287,7 +299,7 @@ class _Views:
         try:
             tile = self.slides_tiles.tile(rec.slide_id, rec.path, p["level"], p["col"], p["row"])
         except WsiMilError as exc:
-            return _not_found(str(exc))
+            return _unreadable(str(exc))
         if tile is None:
             return _not_found("no such tile")
         return Response(tile, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

@@ -172,7 +172,7 @@
       message(`${id}: neither the slide file nor a heatmap was found`);
       return;
     }
-    if (!info.dzi) message(`${id}: slide file not found; showing the heatmap only`);
+    if (!info.dzi) message(info.slide_error || `${id}: slide file not found; showing the heatmap only`);
     state.viewer.addOnceHandler("open", () => {
       const n = state.viewer.world.getItemCount();
       state.slideItem = info.dzi ? state.viewer.world.getItemAt(0) : null;
