@@ -10,6 +10,7 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 import pytest
@@ -367,3 +368,20 @@ def test_unreadable_slide_file_is_a_500_naming_it(tmp_path: Path, viewer_out: Vi
         r = c.get("/slides/case_1.dzi")
         assert r.status_code == 500 and str(bad) in r.json()["error"]
         assert c.get("/overlay/case_1/attention.dzi").status_code == 200
+
+
+def test_slide_ids_needing_url_quoting(tmp_path: Path, viewer_out: ViewerOut) -> None:
+    """An id with a space and a '#' round-trips through the URLs the page is given."""
+    out = tmp_path / "out"
+    shutil.copytree(viewer_out.out, out)
+    sid = "case #1 (a)"
+    for sub, ext in (("heatmaps/" + RUN, ".h5"), ("patches", ".h5"), ("masks", ".geojson")):
+        (out / sub / f"case_1{ext}").rename(out / sub / f"{sid}{ext}")
+    (out / "predictions.csv").unlink()
+    with TestClient(create_app(out, require_static=False)) as c:
+        assert sid in [s["slide_id"] for s in c.get("/api/slides").json()["slides"]]
+        info = c.get(f"/api/slides/{quote(sid, safe='')}").json()
+        assert info["dzi"] == "/slides/case%20%231%20%28a%29.dzi"
+        assert c.get(info["dzi"]).status_code == 200
+        assert c.get(info["dzi"].replace(".dzi", "_files/0/0_0.jpeg")).status_code == 200
+        assert c.get(f"/api/slides/{quote(sid, safe='')}/tissue").status_code == 200

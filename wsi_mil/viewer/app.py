@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from wsi_mil.errors import WsiMilError
 from wsi_mil.io import h5
@@ -223,7 +224,7 @@ class _Views:
         if rec.path is not None:
             try:
                 dims = list(self.slides_tiles.generator(rec.slide_id, rec.path).level_dimensions[-1])
-                dzi = f"/slides/{rec.slide_id}.dzi"
+                dzi = f"/slides/{quote(rec.slide_id, safe='')}.dzi"
             except WsiMilError as exc:  # listed, but unreadable: show the heatmap alone
                 info["slide_error"] = str(exc)
         info.update(
