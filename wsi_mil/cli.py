@@ -224,6 +224,105 @@ def train(
     typer.echo(f"trained {cfg.model.name} on {enc} ({cfg.cv.folds}-fold CV: {scores}): {run_dir}")
 
 
+ModelOpt = Annotated[
+    Path, typer.Option("--model", "-m", help="A trained run: OUT/models/<run> (its pipeline.yaml gives the settings).")
+]
+ScoreOpt = Annotated[
+    str | None, typer.Option(help="What the overlays show: attention (default) or a class name (its probability).")
+]
+ZarrOpt = Annotated[bool | None, typer.Option("--zarr/--no-zarr", help="Also write the OME-Zarr pyramid.")]
+HeatmapConfigOpt = Annotated[
+    str | None, typer.Option("--config", help="Heatmap YAML file or preset (configs/heatmap/); flags override it.")
+]
+
+
+def _heatmap_overrides(score: str | None, zarr: bool | None, smooth_um: float | None) -> dict[str, Any]:
+    return {"score": score, "zarr": zarr, "smooth_um": smooth_um}
+
+
+@app.command(
+    epilog="Examples: wsi-mil predict new_slides/ --model cohort/models/run1 --out diagnosis\n\n"
+    "wsi-mil predict a.svs b.svs --model cohort/models/run1 --out diagnosis --score tumour --zarr"
+)
+@handles_errors
+def predict(
+    slides: Annotated[
+        list[str], typer.Argument(help="Slide files, folders, or CSVs with a 'path' column (optional 'mpp').")
+    ],
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for patches, bags, heatmaps, predictions.")],
+    mpp: Annotated[float | None, typer.Option(help="Level-0 µm/px for slides without metadata.")] = None,
+    config: HeatmapConfigOpt = None,
+    score: ScoreOpt = None,
+    zarr: ZarrOpt = None,
+    smooth_um: Annotated[float | None, typer.Option(help="Gaussian smoothing of the overlays, σ in µm.")] = None,
+    device: Annotated[str | None, typer.Option(help="Extraction device: auto, cpu, cuda, cuda:N.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Patches per forward pass at extraction.")] = None,
+    workers: Annotated[int | None, typer.Option(help="Reader processes at extraction.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Redo slides already tiled and extracted in --out.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+) -> None:
+    """Stage 4: diagnose new slides with a trained run; writes predictions.csv and heatmaps/<run>/.
+
+    Slides are tiled and extracted exactly as the run's training bags were. Exit 1 if any
+    slide failed (it is listed in predictions.csv with its reason; the others complete).
+    """
+    from wsi_mil.predict import predict_cohort
+
+    summary = predict_cohort(
+        slides,
+        model,
+        out,
+        mpp=mpp,
+        heatmap_config=config,
+        heatmap_overrides=_heatmap_overrides(score, zarr, smooth_um),
+        extract_overrides={"device": device, "batch_size": batch_size, "workers": workers},
+        overwrite=overwrite,
+        echo=typer.echo,
+        progress=progress,
+    )
+    for row in summary.rows:
+        if row.get("status") == "ok":
+            probs = ", ".join(f"{k[5:]} {v:.3f}" for k, v in row.items() if k.startswith("prob_"))
+            typer.echo(f"{row['slide_id']}: {row['prediction']} ({probs}; {row['n_patches']} patches)")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command(
+    epilog="Examples: wsi-mil heatmap --out cohort --model cohort/models/run1\n\n"
+    "wsi-mil heatmap --out cohort --model cohort/models/run1 --slides case-1,case-7 --score tumour --zarr"
+)
+@handles_errors
+def heatmap(
+    out: OutOpt,
+    model: ModelOpt,
+    slides: Annotated[
+        str | None, typer.Option(help="Comma-separated slide ids (default: every bag of the run's encoder).")
+    ] = None,
+    config: HeatmapConfigOpt = None,
+    score: ScoreOpt = None,
+    zarr: ZarrOpt = None,
+    smooth_um: Annotated[float | None, typer.Option(help="Gaussian smoothing of the overlays, σ in µm.")] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+) -> None:
+    """Heatmaps of slides whose bags are in OUT; writes heatmaps/<run>/ and its index.csv. Exit 1 on any failure."""
+    from wsi_mil.predict import heatmap_cohort
+
+    ids = [s.strip() for s in slides.split(",") if s.strip()] if slides else None
+    summary = heatmap_cohort(
+        out,
+        model,
+        slide_ids=ids,
+        heatmap_config=config,
+        heatmap_overrides=_heatmap_overrides(score, zarr, smooth_um),
+        echo=typer.echo,
+        progress=progress,
+    )
+    if summary.failed:
+        raise typer.Exit(1)
+
+
 @app.command(
     epilog="Examples: wsi-mil run configs/cohort/example.yaml\n\n"
     "wsi-mil run cohort.yaml --scheduler tcp://10.0.0.5:8786 --retry-failed\n\n"
@@ -259,17 +358,17 @@ def run(
 @handles_errors
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo cohort goes.")] = Path("demo_out"),
-    n_slides: Annotated[int, typer.Option(help="Number of synthetic slides.")] = 4,
+    n_slides: Annotated[int, typer.Option(help="Number of synthetic slides.")] = 24,
+    n_heldout: Annotated[int, typer.Option(help="Slides held out for prediction (the last ones).")] = 8,
 ) -> None:
     """The embedded default: a synthetic cohort, through every stage built so far."""
     from wsi_mil.demo import run_demo
 
-    run_demo(out, n_slides=n_slides, echo=typer.echo)
+    run_demo(out, n_slides=n_slides, n_heldout=n_heldout, echo=typer.echo)
 
 
 @app.command(
-    epilog="Examples: wsi-mil view demo_out\n\n"
-    "wsi-mil view cohort --run texture_loss_attention_0101 --port 8800 --open"
+    epilog="Examples: wsi-mil view demo_out\n\nwsi-mil view cohort --run texture_loss_attention_0101 --port 8800 --open"
 )
 @handles_errors
 def view(

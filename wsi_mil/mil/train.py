@@ -280,7 +280,7 @@ def train_run(
         bar = tqdm(
             total=cfg.optim.epochs,
             desc=f"fold {k + 1}/{len(folds)}",
-            disable=not progress,
+            disable=None if progress else True,  # None: no bar when not a terminal (logs, CI)
             leave=False,
         )
 

@@ -1,0 +1,69 @@
+"""Score heatmaps against the ground truth of synthetic slides (localisation AUC)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Localisation:
+    """How well per-patch scores rank tumour patches above normal ones.
+
+    Attributes
+    ----------
+    prob_auc : float
+        AUC of the per-patch tumour probability, pooled over all given slides.
+    attention_auc : float
+        AUC of attention within each tumour slide (tumour vs normal patches of the same
+        slide; attention is a per-slide distribution), averaged over tumour slides.
+    n_tumour, n_normal : int
+        Patches counted as tumour (≥ ``pos`` of the patch is tumour) and normal (none).
+    """
+
+    prob_auc: float
+    attention_auc: float
+    n_tumour: int
+    n_normal: int
+
+
+def patch_labels(truth: object, coords: np.ndarray, size: int, pos: float = 0.5) -> np.ndarray:
+    """Per patch: 1 tumour (share ≥ ``pos``), 0 normal (no tumour), -1 ambiguous (ignored)."""
+    share = np.array([truth.fraction_in(int(x), int(y), size, "tumour") for x, y in coords])  # type: ignore[attr-defined]
+    return np.where(share >= pos, 1, np.where(share == 0, 0, -1))
+
+
+def localisation(heatmaps: Sequence[str | Path], slides: Sequence[str | Path], tumour_class: str) -> Localisation:
+    """Localisation AUCs of heatmap files ``heatmaps/<run>/<id>.h5`` on synthetic slides.
+
+    Parameters
+    ----------
+    heatmaps : sequence of path-like
+        Heatmap HDF5 files, one per slide.
+    slides : sequence of path-like
+        The synthetic slides, in the same order (their ``.truth.npz`` is read).
+    tumour_class : str
+        The class whose instance probability is the tumour score.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    from wsi_mil.io.h5 import read_heatmap_data
+    from wsi_mil.synthetic.slides import load_truth
+
+    probs, labels, att_aucs = [], [], []
+    for hm, slide in zip(heatmaps, slides, strict=True):
+        data = read_heatmap_data(hm)
+        y = patch_labels(load_truth(slide), data.coords, int(data.attrs["patch_size_level0"]))
+        k = list(data.class_names).index(tumour_class)
+        keep = y >= 0
+        probs.append(data.instance_probs[keep, k])
+        labels.append(y[keep])
+        if (y == 1).any() and (y == 0).any():
+            att_aucs.append(roc_auc_score(y[keep], data.attention[keep]))
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    prob_auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else float("nan")
+    att_auc = float(np.mean(att_aucs)) if att_aucs else float("nan")
+    return Localisation(prob_auc, att_auc, int(y.sum()), int((y == 0).sum()))
