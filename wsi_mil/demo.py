@@ -141,7 +141,8 @@ def run_demo(
     echo(f"held-out slides ({len(held)}, never seen in training): slide AUC {auc:.3f}, accuracy {acc:.3f}")
     echo(
         f"localisation on held-out slides (ground-truth tumour masks): per-patch tumour probability AUC "
-        f"{loc.prob_auc:.3f}, attention AUC {loc.attention_auc:.3f} ({loc.n_tumour} tumour / {loc.n_normal} normal patches)"
+        f"{loc.prob_auc:.3f}, attention AUC {loc.attention_auc:.3f} "
+        f"({loc.n_tumour} tumour / {loc.n_normal} normal patches)"
     )
     echo("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in clock.items()) + f"; total {total:.0f}s")
     echo(f"outputs in {out}:")
