@@ -77,8 +77,11 @@ class Cluster:
                 p.kill()
 
 
-def start_cluster(folder: Path, n_workers: int = 2) -> Cluster:
-    """``dask scheduler`` + ``n_workers`` × ``dask worker --nthreads 1 --no-nanny`` processes."""
+def start_cluster(folder: Path, n_workers: int = 2, gpu: tuple[int, ...] = ()) -> Cluster:
+    """``dask scheduler`` + ``n_workers`` × ``dask worker --nthreads 1 --no-nanny`` processes.
+
+    Workers whose index is in ``gpu`` declare the resource ``GPU=1`` (as a GPU node would).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     sfile = folder / "scheduler.json"
     env = {**os.environ, "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "error"}
@@ -123,6 +126,7 @@ def start_cluster(folder: Path, n_workers: int = 2) -> Cluster:
                     f"w{i}",
                     "--memory-limit",
                     "0",
+                    *(["--resources", "GPU=1"] if i in gpu else []),
                 ],
                 **common,
             )

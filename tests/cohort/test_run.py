@@ -115,3 +115,20 @@ def test_killed_worker_then_rerun(cohort_dir: Path, reference: Path, tmp_path: P
         assert is_extracted(bag_path(out, "texture", sid), None, n)
     assert_same_outputs(out, reference)
     assert_no_partials(out)
+
+
+def test_gpu_stage_goes_to_the_gpu_worker(cohort_dir: Path, reference: Path, tmp_path: Path) -> None:
+    """Extraction (device auto) runs only on the worker declaring GPU=1; tiling anywhere."""
+    cluster = start_cluster(tmp_path / "dask", gpu=(1,))
+    out = tmp_path / "out"
+    try:
+        cfg = load_cohort_config(write_config(cohort_dir, out, stages="tile, extract"))
+        assert cfg.extract.device == "auto"
+        lines: list[str] = []
+        assert run_cohort(cfg, scheduler=cluster.address, echo=lines.append, progress=False).ok, lines
+    finally:
+        cluster.stop()
+    rows = read_status(out)
+    assert {r["worker"] for r in rows if r["stage"] == "extract"} == {"w1"}
+    assert {r["worker"] for r in rows if r["stage"] == "tile"} <= {"w0", "w1"}
+    assert_same_outputs(out, reference)

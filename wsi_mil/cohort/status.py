@@ -11,14 +11,26 @@ import csv
 import fcntl
 import io
 import os
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from wsi_mil.io.atomic import write_text_atomic
 
-COLUMNS = ("slide_id", "stage", "state", "reason", "n_patches", "seconds", "detail", "updated")
+COLUMNS = ("slide_id", "stage", "state", "reason", "n_patches", "seconds", "detail", "worker", "updated")
 STATES = ("done", "empty", "failed", "skipped")
+
+
+def _worker_name() -> str:
+    """Name of the Dask worker running this code, or "" outside one (where a slide ran)."""
+    distributed = sys.modules.get("distributed")  # never import Dask just to ask
+    if distributed is None:
+        return ""
+    try:
+        return str(distributed.get_worker().name)
+    except ValueError:
+        return ""
 
 
 @contextlib.contextmanager
@@ -53,7 +65,7 @@ def record(out_dir: str | os.PathLike[str], slide_id: str, stage: str, state: st
         rows.append({
             "slide_id": slide_id, "stage": stage, "state": state,
             "reason": " ".join(reason.split()), "n_patches": "" if n_patches is None else str(n_patches),
-            "seconds": "" if seconds is None else f"{seconds:.3f}", "detail": detail,
+            "seconds": "" if seconds is None else f"{seconds:.3f}", "detail": detail, "worker": _worker_name(),
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
         rows.sort(key=lambda r: (r["stage"], r["slide_id"]))
