@@ -156,3 +156,23 @@ def test_heatmap_cli_unknown_slide_fails_with_reason(trained: Trained) -> None:
     result = runner.invoke(app, [*args, "--no-progress"])
     assert result.exit_code == 1
     assert "nope" in result.output and "no feature bag" in result.output
+
+
+def test_overlapping_heatmap_recipe(trained: Trained, tmp_path: Path) -> None:
+    """docs/predict.md: tile with 50 % overlap, extract, then `wsi-mil heatmap` on that folder."""
+    from wsi_mil.features import extract_cohort
+    from wsi_mil.tiling.cohort import tile_cohort
+
+    slide = trained.held[0]
+    tile_cohort([slide], tmp_path, overrides={"overlap": 0.5}, progress=False)
+    extract_cohort(tmp_path, ENCODER, progress=False)
+    args = ["heatmap", "--out", str(tmp_path), "--model", str(trained.run_dir), "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = read_heatmap_data(heatmap_paths(tmp_path, RUN, slide.stem)["h5"])
+    plain = read_bag(bag_path(trained.out, ENCODER, trained.train[0].stem))
+    size = int(data.attrs["patch_size_level0"])
+    assert size == int(plain.attrs["patch_size_level0"])
+    steps = np.diff(np.unique(data.coords[:, 0]))
+    assert steps.min() == size // 2  # neighbours overlap by half a patch
+    assert not pd.read_csv(tmp_path / "heatmaps" / RUN / "index.csv")["trained_on"].any()
