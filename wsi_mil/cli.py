@@ -364,7 +364,8 @@ def demo(
     """The embedded default: a synthetic cohort, through every stage built so far."""
     from wsi_mil.demo import run_demo
 
-    run_demo(out, n_slides=n_slides, n_heldout=n_heldout, echo=typer.echo)
+    # Bars only on a terminal: in a log (CI, `make demo > log`) they are blank lines.
+    run_demo(out, n_slides=n_slides, n_heldout=n_heldout, echo=typer.echo, progress=sys.stdout.isatty())
 
 
 @app.command(
