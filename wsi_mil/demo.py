@@ -63,6 +63,7 @@ def run_demo(
     *,
     epochs: int = 30,
     folds: int = 4,
+    slide_size: tuple[int, int] = (6144, 4608),
     echo: Callable[[str], None] = print,
     progress: bool = True,
 ) -> DemoResult:
@@ -76,6 +77,8 @@ def run_demo(
         Slides in the cohort, and how many of them (the last ones) are held out.
     epochs, folds : int
         Training epochs per fold and cross-validation folds.
+    slide_size : tuple of int
+        Level-0 width and height of the synthetic slides.
     """
     import numpy as np
     import pandas as pd
@@ -94,7 +97,7 @@ def run_demo(
     clock: dict[str, float] = {}
     t = time.perf_counter()
     echo(f"writing {n_slides} synthetic slides to {out / 'slides'} ...")
-    slides = make_cohort(out / "slides", n_slides)
+    slides = make_cohort(out / "slides", n_slides, size=slide_size)
     train, held = slides[:-n_heldout], slides[-n_heldout:]
     clock["slides"] = time.perf_counter() - t
 
@@ -112,7 +115,10 @@ def run_demo(
     )
     run_dir = out / "models" / RUN
     if not (run_dir / "model.json").is_file():
-        cfg = load_train_config("default", {"run_name": RUN, "cv.folds": folds, "optim.epochs": epochs})
+        # A validation split needs one slide per class: small cohorts get a larger share.
+        val = min(0.45, max(0.2, 2.0 / (len(train) * (folds - 1) / folds)))
+        overrides = {"run_name": RUN, "cv.folds": folds, "cv.val_fraction": val, "optim.epochs": epochs}
+        cfg = load_train_config("default", overrides)
         train_run(out, labels, ENCODER, cfg, progress=progress)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cv_auc = float(metrics["out_of_fold"]["auc"])
