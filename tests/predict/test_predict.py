@@ -63,6 +63,14 @@ def test_predict_cli_lists_a_broken_slide_and_completes_the_others(
         paths = heatmap_paths(out, RUN, sid)
         assert all(paths[k].exists() for k in ("h5", "png", "tiff", "geojson")), sid
     assert not heatmap_paths(out, RUN, "broken_99")["h5"].exists()
+    assert not rows["trained_on"].any()
+
+
+def test_predict_on_a_training_slide_warns_in_sample(trained: Trained, tmp_path: Path) -> None:
+    lines: list[str] = []
+    summary = predict_cohort(trained.train[:1], trained.run_dir, tmp_path, echo=lines.append, progress=False)
+    assert summary.rows[0]["trained_on"] is True
+    assert any("in-sample" in line and trained.train[0].stem in line for line in lines)
 
 
 def test_predict_tiles_new_slides_like_the_training_ones(

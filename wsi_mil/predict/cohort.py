@@ -87,6 +87,17 @@ def _diagnose(
         )
 
 
+def _mark_trained_on(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
+    """Set ``trained_on`` per row (the slide is in the run's ``splits.csv``); return those ids."""
+    import pandas as pd
+
+    splits = run_dir / "splits.csv"
+    trained = set(pd.read_csv(splits)["slide_id"].astype(str)) if splits.is_file() else set()
+    for row in rows:
+        row["trained_on"] = row["slide_id"] in trained
+    return [r["slide_id"] for r in rows if r["trained_on"]]
+
+
 def predict_cohort(
     slides: list[str | Path],
     run_dir: str | Path,
@@ -167,6 +178,12 @@ def predict_cohort(
     paths = {i.slide_id: i.path for i in inputs}
     items = [(sid, paths[sid]) for sid in (i.slide_id for i in inputs) if sid not in summary.failed]
     _diagnose(out, run_dir, items, options, summary, echo, progress)
+    seen = _mark_trained_on(summary.rows, run_dir)
+    if seen:
+        echo(
+            f"warning: {len(seen)} slide(s) were in the training cohort of {settings.run} "
+            f"({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''}): their probabilities are in-sample"
+        )
     summary.csv = write_predictions_csv(summary.rows, out / PREDICTIONS_FILE)
     ok = len(summary.rows) - len(summary.failed)
     echo(
@@ -196,7 +213,6 @@ def heatmap_cohort(
     --------
     >>> heatmap_cohort("cohort", "cohort/models/run1", heatmap_overrides={"zarr": True})  # doctest: +SKIP
     """
-    import pandas as pd
 
     from wsi_mil.features.extract import encoder_dirname
 
@@ -210,10 +226,7 @@ def heatmap_cohort(
     echo(f"heatmap: {len(ids)} slide(s) with {settings.run}")
     summary = PredictSummary()
     _diagnose(out, run_dir, [(sid, None) for sid in ids], options, summary, echo, progress)
-    splits = run_dir / "splits.csv"
-    trained = set(pd.read_csv(splits)["slide_id"].astype(str)) if splits.is_file() else set()
-    for row in summary.rows:
-        row["trained_on"] = row["slide_id"] in trained
+    _mark_trained_on(summary.rows, run_dir)
     hm_dir = out / "heatmaps" / settings.run
     hm_dir.mkdir(parents=True, exist_ok=True)
     summary.csv = write_predictions_csv(summary.rows, hm_dir / INDEX_FILE)
