@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,62 @@ NAMES = {
     "attention": "attention MIL",
     "gated_attention": "gated attention MIL",
 }
+
+
+_EXTRA = re.compile(r"_r\d+(?:_\d+)*")  # "_r1_2": the file of repeats 1 and 2
+
+
+def job_files(results: Path, stem: str) -> list[Path]:
+    """A job's saved files: ``stem.npz``, then ``stem_r<i>[_<j>...].npz`` (repeats added later).
+
+    Empty files are placeholders for jobs not run, and ``*.partial.npz`` files are runs
+    that did not finish; neither counts.
+    """
+    extra = [f for f in results.glob(f"{stem}_r*.npz") if _EXTRA.fullmatch(f.name[len(stem) : -4])]
+    files = [results / f"{stem}.npz", *sorted(extra)]
+    return [f for f in files if f.is_file() and f.stat().st_size]
+
+
+def _repeats_of(z) -> list[int]:
+    return sorted({int(m[0]) for m in z["meta"]})
+
+
+def saved_repeats(results: Path, stem: str) -> set[int]:
+    """The repeats of 10-fold CV already saved for a job."""
+    out: set[int] = set()
+    for f in job_files(results, stem):
+        with np.load(f, allow_pickle=True) as z:
+            out.update(_repeats_of(z))
+    return out
+
+
+def load_job(results: Path, stem: str) -> dict | None:
+    """All saved repeats of one job merged into one record (None when nothing is saved)."""
+    parts = []
+    for f in job_files(results, stem):
+        with np.load(f, allow_pickle=True) as z:
+            parts.append({k: z[k] for k in ("probs", "eval_sets", "meta", "y", "seconds")})
+    if not parts:
+        return None
+    reps = [r for z in parts for r in _repeats_of(z)]
+    if len(reps) != len(set(reps)):
+        raise SystemExit(f"{stem}: a repeat is saved in two files; delete one of them")
+    if any(not np.array_equal(z["y"], parts[0]["y"]) for z in parts):
+        raise SystemExit(f"{stem}: files disagree on the labels; were they made from one CSV?")
+
+    def cat(key: str) -> np.ndarray:
+        out = np.empty(sum(len(z[key]) for z in parts), dtype=object)
+        out[:] = [a for z in parts for a in z[key]]
+        return out
+
+    return {
+        "probs": cat("probs"),
+        "eval_sets": cat("eval_sets"),
+        "meta": np.concatenate([z["meta"] for z in parts]),
+        "y": parts[0]["y"],
+        "seconds": float(sum(float(z["seconds"]) for z in parts)),
+        "repeats": sorted(reps),
+    }
 
 
 def _bce(p: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -79,20 +136,16 @@ def benchmark_tables(results: Path) -> tuple[str, dict]:
     lines = [
         "| dataset | model | paper | as published: best test epoch | published setup, epoch 100 "
         "| honest: val split | **honest: inner CV + ensemble** | honest: ensemble, epoch 100 "
-        "| folds | train time |",
+        "| repeats × folds | train time (all repeats) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     js: dict = {}
     for d in ("musk1", "musk2", "elephant"):
         for a in ("loss_attention", "attention", "gated_attention"):
-            pub_p, hon_p = results / f"{d}_{a}_published.npz", results / f"{d}_{a}_honest.npz"
-            pubz_p = results / f"{d}_{a}_published_z.npz"
-            # An empty file is a placeholder for a job not run (the runner skips it).
-            pub_p, hon_p, pubz_p = (
-                p if p.exists() and p.stat().st_size else results / "absent"
-                for p in (pub_p, hon_p, pubz_p)
+            pub_z, hon_z, pubz_z = (
+                load_job(results, f"{d}_{a}_{p}") for p in ("published", "honest", "published_z")
             )
-            if not (pub_p.exists() or hon_p.exists() or pubz_p.exists()):
+            if pub_z is None and hon_z is None and pubz_z is None:
                 continue
             paper = (
                 PAPER[d][0] if a == "loss_attention" else PAPER[d][2] if a == "attention" else None
@@ -101,20 +154,20 @@ def benchmark_tables(results: Path) -> tuple[str, dict]:
             if a == "loss_attention":
                 paper_s += f" ± {PAPER[d][1]:.3f}"
             entry: dict = {"paper": paper, "train_seconds": 0.0}
-            variants = [("", pub_p, hon_p), (" (z-scored input)", pubz_p, None)]
-            for suffix, pp, hp in variants:
+            variants = [("", pub_z, hon_z), (" (z-scored input)", pubz_z, None)]
+            for suffix, pz, hz in variants:
                 pub = hon = None
                 secs, folds = 0.0, []
-                if pp.exists():
-                    z = np.load(pp, allow_pickle=True)
-                    pub = published_scores(z)
-                    secs += float(z["seconds"])
-                    folds.append(f"{len(pub['last_epoch'])} pub")
-                if hp is not None and hp.exists():
-                    z = np.load(hp, allow_pickle=True)
-                    hon = honest_scores(z)
-                    secs += float(z["seconds"])
-                    folds.append(f"{len(hon['val_split'])} hon")
+                if pz is not None:
+                    pub = published_scores(pz)
+                    secs += pz["seconds"]
+                    n_rep = len(pz["repeats"])
+                    folds.append(f"pub {n_rep}×{len(pub['last_epoch']) // n_rep}")
+                if hz is not None:
+                    hon = honest_scores(hz)
+                    secs += hz["seconds"]
+                    n_rep = len(hz["repeats"])
+                    folds.append(f"hon {n_rep}×{len(hon['val_split']) // n_rep}")
                 if pub is None and hon is None:
                     continue
                 lines.append(
@@ -128,6 +181,10 @@ def benchmark_tables(results: Path) -> tuple[str, dict]:
                 tag = "published_z" if suffix else "published"
                 entry.update({f"{tag}_{k}": v for k, v in (pub or {}).items()})
                 entry.update({f"honest_{k}": v for k, v in (hon or {}).items()})
+                if pz is not None:
+                    entry[f"{tag}_repeats"] = pz["repeats"]
+                if hz is not None:
+                    entry["honest_repeats"] = hz["repeats"]
                 entry["train_seconds"] += secs
             js[f"{d}/{a}"] = entry
     return "\n".join(lines), js
@@ -246,6 +303,9 @@ def write_report(results: Path, docs: Path, quick: bool = False) -> None:
     text = (
         head
         + "## MUSK1, MUSK2, ELEPHANT (accuracy, mean ± std over outer folds)\n\n"
+        + "Repeat r of 10-fold CV is shuffled with seed r; mean and std are over all outer "
+        "folds of all repeats a cell has (`repeats × folds`: published-setup and honest "
+        "jobs).\n\n"
         + table
         + "\n\n## Digit bags\n\n"
         + digits

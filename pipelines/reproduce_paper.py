@@ -6,10 +6,12 @@ Usage::
     .venv/bin/python pipelines/reproduce_paper.py --quick    # smoke test, < 1 minute
     .venv/bin/python pipelines/reproduce_paper.py --report   # rebuild docs from saved runs
 
-Every training job saves its per-epoch probabilities under ``--results`` (one ``.npz``
-per job, skipped when present so runs resume), and the report is computed from those
-files: the selection protocols below are applied after training, to the same saved
-numbers.
+Every training job saves its per-epoch probabilities under ``--results``: the first run
+of a job writes ``<dataset>_<arch>_<protocol>.npz``; asking for more repeats later
+trains only the repeats not yet saved and writes them beside it as
+``<dataset>_<arch>_<protocol>_r1_2.npz`` (repeats 1 and 2). The report merges a job's
+files, so runs resume and grow a repeat at a time; the selection protocols below are
+applied after training, to the same saved numbers.
 
 Protocols (docs/reproduction.md explains them):
 
@@ -76,13 +78,13 @@ def load_mil_csv(name: str) -> tuple[list[np.ndarray], np.ndarray]:
     return bags, np.array(labels, np.int64)
 
 
-def _factory(arch: str, in_dim: int, s: Settings, stats: list | None):
+def _factory(arch: str, in_dim: int, s: Settings, stats: list | None, seeds: list[int]):
     import torch
 
     from wsi_mil.mil import create_model
 
     def make(m: int):
-        torch.manual_seed(10_000 + m)
+        torch.manual_seed(seeds[m])
         model = create_model(
             arch, in_dim, 2, lam=s.lam, trunk="paper", dropout=s.dropout, input_norm=True
         )
@@ -103,18 +105,28 @@ def _train_stats(bags: list[np.ndarray], idx: np.ndarray):
 def benchmark_job(
     dataset: str, arch: str, protocol: str, repeats: int, s: Settings, out: Path
 ) -> str:
-    """Train one (dataset, architecture, protocol) job in lockstep and save its numbers."""
+    """Train the repeats ``0 .. repeats-1`` of one job not saved yet, in lockstep; save them.
+
+    Repeat r is stratified ``s.folds``-fold CV shuffled with seed r. Each model's
+    initialisation is seeded by its place in the full job (repeat, fold, inner fold), so it
+    does not depend on which repeats share a run; bag order and dropout do.
+    """
     import torch
     from _lockstep import train_lockstep
+    from _repro_report import saved_repeats
     from sklearn.model_selection import StratifiedKFold
 
     torch.set_num_threads(s.threads)
-    path = out / f"{dataset}_{arch}_{protocol}.npz"
-    if path.exists() and path.stat().st_size:  # an empty file is a placeholder: run it
-        return f"{path.name}: exists"
+    stem = f"{dataset}_{arch}_{protocol}"
+    done = saved_repeats(out, stem)
+    todo = [r for r in range(repeats) if r not in done]
+    if not todo:
+        return f"{stem}: repeats 0-{repeats - 1} exist"
+    path = out / (f"{stem}_r{'_'.join(map(str, todo))}.npz" if done else f"{stem}.npz")
     bags, y = load_mil_csv(dataset)
-    train_sets, eval_sets, stats, meta = [], [], [], []
-    for r in range(repeats):
+    per_repeat = s.folds if protocol.startswith("published") else s.folds * s.inner_folds
+    train_sets, eval_sets, stats, meta, seeds = [], [], [], [], []
+    for r in todo:
         outer = StratifiedKFold(s.folds, shuffle=True, random_state=r)
         for k, (tr, te) in enumerate(outer.split(np.zeros(len(y)), y)):
             if protocol in ("published", "published_z"):
@@ -124,6 +136,7 @@ def benchmark_job(
                 # the training folds' statistics.
                 stats.append(_train_stats(bags, tr) if protocol == "published_z" else None)
                 meta.append((r, k, -1, len(te), 0))
+                seeds.append(10_000 + r * per_repeat + k)
                 continue
             inner = StratifiedKFold(s.inner_folds, shuffle=True, random_state=100 + 10 * r + k)
             for j, (itr, iva) in enumerate(inner.split(np.zeros(len(tr)), y[tr])):
@@ -131,8 +144,9 @@ def benchmark_job(
                 eval_sets.append(np.concatenate([tr[iva], te]))  # val first, then test
                 stats.append(_train_stats(bags, tr[itr]))
                 meta.append((r, k, j, len(te), len(iva)))
+                seeds.append(10_000 + r * per_repeat + k * s.inner_folds + j)
     res = train_lockstep(
-        _factory(arch, bags[0].shape[1], s, stats),
+        _factory(arch, bags[0].shape[1], s, stats, seeds),
         bags,
         y,
         train_sets,
@@ -140,7 +154,7 @@ def benchmark_job(
         epochs=s.epochs,
         lr=s.lr,
         weight_decay=s.weight_decay,
-        seed=1,
+        seed=1 + todo[0],
     )
     probs = np.empty(len(res.probs), dtype=object)
     probs[:] = [p[..., 1].astype(np.float16) for p in res.probs]  # (E, n_eval) P(positive)
@@ -195,7 +209,8 @@ def main(argv: list[str] | None = None) -> None:
         "--jobs",
         default=None,
         help="explicit jobs 'dataset:arch:protocol:repeats,...' (protocol: published, "
-        "published_z, honest); default: all, in priority order",
+        "published_z, honest; repeats N: repeats 0..N-1, only those not saved yet are "
+        "trained); default: all, in priority order",
     )
     args = ap.parse_args(argv)
     quick = args.quick

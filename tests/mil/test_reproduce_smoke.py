@@ -41,6 +41,29 @@ def test_benchmark_jobs_and_report(tmp_path: Path) -> None:
     assert len(js["musk1/loss_attention"]["honest_inner_cv_ensemble"]) == 3
 
 
+def test_more_repeats_train_only_the_missing_ones(tmp_path: Path) -> None:
+    import reproduce_paper as rp
+    from _repro_report import benchmark_tables, job_files, load_job, saved_repeats
+
+    s = rp.Settings(epochs=1, folds=3, inner_folds=2, threads=2)
+    rp.benchmark_job("musk1", "attention", "published", 1, s, tmp_path)
+    first = (tmp_path / "musk1_attention_published.npz").read_bytes()
+    assert rp.benchmark_job("musk1", "attention", "published", 1, s, tmp_path).endswith("exist")
+    rp.benchmark_job("musk1", "attention", "published", 3, s, tmp_path)
+    # Repeats 1 and 2 go to their own file; repeat 0's file is left as it was.
+    assert (tmp_path / "musk1_attention_published.npz").read_bytes() == first
+    assert [f.name for f in job_files(tmp_path, "musk1_attention_published")] == [
+        "musk1_attention_published.npz",
+        "musk1_attention_published_r1_2.npz",
+    ]
+    (tmp_path / "musk1_attention_published_r3.partial.npz").write_bytes(b"unfinished")
+    assert saved_repeats(tmp_path, "musk1_attention_published") == {0, 1, 2}
+    z = load_job(tmp_path, "musk1_attention_published")
+    assert z is not None and z["repeats"] == [0, 1, 2] and len(z["probs"]) == 3 * 3
+    table, js = benchmark_tables(tmp_path)
+    assert "pub 3×3" in table and js["musk1/attention"]["published_repeats"] == [0, 1, 2]
+
+
 def test_selection_protocols_on_known_numbers() -> None:
     from _repro_report import _first_best, honest_scores, published_scores
 
