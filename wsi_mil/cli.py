@@ -361,7 +361,7 @@ def demo(
     n_slides: Annotated[int, typer.Option(help="Number of synthetic slides.")] = 24,
     n_heldout: Annotated[int, typer.Option(help="Slides held out for prediction (the last ones).")] = 8,
 ) -> None:
-    """The embedded default: a synthetic cohort, through every stage built so far."""
+    """The embedded default: synthetic slides → tile → extract → train → predict held-out → heatmaps."""
     from wsi_mil.demo import run_demo
 
     # Bars only on a terminal: in a log (CI, `make demo > log`) they are blank lines.

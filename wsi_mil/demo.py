@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from wsi_mil.errors import ConfigError
 from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
 
 RUN = "demo"
@@ -92,7 +93,7 @@ def run_demo(
     from wsi_mil.tiling.cohort import tile_cohort
 
     if not 2 <= n_heldout <= n_slides - 2 * folds:
-        raise ValueError(f"need 2 ≤ n_heldout ≤ n_slides − 2·folds, got {n_heldout} of {n_slides}")
+        raise ConfigError(f"demo: need 2 ≤ n_heldout ≤ n_slides − 2·folds, got {n_heldout} of {n_slides}")
     out = Path(out)
     clock: dict[str, float] = {}
     t = time.perf_counter()

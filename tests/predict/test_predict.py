@@ -158,6 +158,21 @@ def test_heatmap_cli_marks_training_slides(trained: Trained) -> None:
         paths = heatmap_paths(trained.out, RUN, sid)
         assert paths["zarr"].is_dir() and paths["tiff"].is_file()
 
+    # Rendering another slide adds its row; the index keeps the earlier ones.
+    third = trained.train[2].stem
+    args[-1] = third
+    assert runner.invoke(app, [*args, "--no-progress"]).exit_code == 0
+    index = pd.read_csv(trained.out / "heatmaps" / RUN / "index.csv")
+    assert sorted(index["slide_id"]) == sorted([*ids, third])
+
+
+def test_unknown_score_is_refused_before_any_slide(trained: Trained, tmp_path: Path) -> None:
+    args = ["predict", str(trained.held[0]), "--model", str(trained.run_dir), "--out", str(tmp_path)]
+    result = runner.invoke(app, [*args, "--score", "stroma"])
+    assert result.exit_code == 1
+    assert "'stroma' is neither 'attention' nor a class (normal, tumour)" in result.output
+    assert not (tmp_path / "patches").exists()
+
 
 def test_heatmap_cli_unknown_slide_fails_with_reason(trained: Trained) -> None:
     args = ["heatmap", "--out", str(trained.out), "--model", str(trained.run_dir), "--slides", "nope"]

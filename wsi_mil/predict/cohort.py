@@ -87,6 +87,32 @@ def _diagnose(
         )
 
 
+def _check_score(options: Any, run_dir: Path) -> None:
+    """Refuse a heatmap score the model has no class for, before any slide is processed."""
+    import numpy as np
+
+    from wsi_mil.heatmaps.scores import select_score
+    from wsi_mil.predict.slide import cached_model
+
+    classes = list(cached_model(str(run_dir.resolve())).classes)
+    try:
+        select_score(options.score, np.zeros(1), np.zeros((1, len(classes))), classes)
+    except WsiMilError as exc:
+        raise type(exc)(f"{run_dir}: {exc}") from exc
+
+
+def _merge_index(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """Rows of an existing index whose slides were not rendered now, then the new rows."""
+    import pandas as pd
+
+    if not path.is_file():
+        return rows
+    new = {r["slide_id"] for r in rows}
+    old = pd.read_csv(path, dtype={"slide_id": str, "error": str}, keep_default_na=False)
+    kept = old[~old["slide_id"].isin(new)].to_dict("records")
+    return [*kept, *rows]
+
+
 def _mark_trained_on(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
     """Set ``trained_on`` per row (the slide is in the run's ``splits.csv``); return those ids."""
     import pandas as pd
@@ -145,6 +171,7 @@ def predict_cohort(
     run_dir, out = Path(run_dir), Path(out)
     settings = load_settings(run_dir)
     options = resolve_heatmap_options(heatmap_config, heatmap_overrides)
+    _check_score(options, run_dir)
     bad = sorted(k for k, v in (extract_overrides or {}).items() if v is not None and k not in RUNTIME_FIELDS)
     if bad:
         raise WsiMilError(f"{settings.path}: {', '.join(bad)} come from the model and cannot be changed at predict")
@@ -219,6 +246,7 @@ def heatmap_cohort(
     out, run_dir = Path(out), Path(run_dir)
     settings = load_settings(run_dir)
     options = resolve_heatmap_options(heatmap_config, heatmap_overrides)
+    _check_score(options, run_dir)
     bag_dir = out / "features" / encoder_dirname(settings.encoder) / "h5_files"
     ids = slide_ids if slide_ids is not None else sorted(p.stem for p in bag_dir.glob("*.h5"))
     if not ids:
@@ -229,6 +257,7 @@ def heatmap_cohort(
     _mark_trained_on(summary.rows, run_dir)
     hm_dir = out / "heatmaps" / settings.run
     hm_dir.mkdir(parents=True, exist_ok=True)
-    summary.csv = write_predictions_csv(summary.rows, hm_dir / INDEX_FILE)
+    # Rendering a subset updates its rows; the index keeps every slide rendered before.
+    summary.csv = write_predictions_csv(_merge_index(summary.rows, hm_dir / INDEX_FILE), hm_dir / INDEX_FILE)
     echo(f"heatmap: {len(summary.rows) - len(summary.failed)} done, {len(summary.failed)} failed → {hm_dir}")
     return summary
