@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from wsi_mil.demo import label_of
 from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
 
 N_TRAIN = 8
@@ -28,10 +29,6 @@ class Trained:
     run_dir: Path
     train: list[Path]
     held: list[Path]
-
-
-def label_of(path: Path) -> str:
-    return path.stem.split("_")[0]
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from tests.predict.conftest import ENCODER, RUN, Trained, label_of
+from tests.predict.conftest import ENCODER, RUN, Trained
 from wsi_mil.cli import app
+from wsi_mil.demo import label_of
 from wsi_mil.errors import BagError, WsiMilError
 from wsi_mil.features.extract import bag_path
 from wsi_mil.heatmaps import heatmap_paths

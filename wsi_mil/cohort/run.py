@@ -354,37 +354,27 @@ class _bars:  # noqa: N801 - used like a function
 
 def _write_tables(cfg: CohortConfig, summary: RunSummary, echo: Callable[[str], None]) -> None:
     """``OUT/heatmaps/<run>/index.csv`` (every slide) and, for ``predict``, ``OUT/predictions.csv``."""
-    import csv
-
     from wsi_mil.predict import write_predictions_csv
+    from wsi_mil.predict.cohort import INDEX_FILE, mark_trained_on, merge_index
 
     run_dir = summary.run_dir
     if run_dir is None:
         return
-    hm_dir = Path(cfg.out) / "heatmaps" / run_dir.name
-    index = hm_dir / "index.csv"
-    rows: dict[str, dict[str, Any]] = {}
-    if index.is_file():
-        with index.open(newline="", encoding="utf-8") as fh:
-            rows = {r["slide_id"]: dict(r) for r in csv.DictReader(fh)}
+    index = Path(cfg.out) / "heatmaps" / run_dir.name / INDEX_FILE
+    new: list[dict[str, Any]] = []
     for o in summary.outcomes:
         if o.stage != "heatmap":
             continue
         if o.state in ("done", "skipped") and isinstance(o.result, Mapping):
-            rows[o.slide_id] = {**o.result, "status": "ok", "error": ""}
+            new.append({**o.result, "status": "ok", "error": ""})
         elif o.state in ("failed", "not_retried", "blocked"):
-            rows[o.slide_id] = {"slide_id": o.slide_id, "status": "failed", "error": o.reason or o.state}
+            new.append({"slide_id": o.slide_id, "status": "failed", "error": o.reason or o.state})
+    rows = merge_index(new, index)
     if not rows:
         return
-    splits = run_dir / "splits.csv"
-    trained: set[str] = set()
-    if splits.is_file():
-        with splits.open(newline="", encoding="utf-8") as fh:
-            trained = {r["slide_id"] for r in csv.DictReader(fh)}
-    for r in rows.values():
-        r["trained_on"] = r["slide_id"] in trained
-    write_predictions_csv(rows.values(), index)
+    mark_trained_on(rows, run_dir)
+    write_predictions_csv(rows, index)
     if "predict" in cfg.stages:
-        new = [r for r in rows.values() if not r["trained_on"]]
-        path = write_predictions_csv(new, Path(cfg.out) / "predictions.csv")
-        echo(f"predictions of {len(new)} slide(s) the model did not train on → {path}")
+        unseen = [r for r in rows if not r["trained_on"]]
+        path = write_predictions_csv(unseen, Path(cfg.out) / "predictions.csv")
+        echo(f"predictions of {len(unseen)} slide(s) the model did not train on → {path}")

@@ -101,24 +101,27 @@ def _check_score(options: Any, run_dir: Path) -> None:
         raise type(exc)(f"{run_dir}: {exc}") from exc
 
 
-def _merge_index(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
-    """Rows of an existing index whose slides were not rendered now, then the new rows."""
-    import pandas as pd
+def merge_index(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    """The rows of an existing index whose slides are not in ``rows``, then ``rows``."""
+    import csv
 
     if not path.is_file():
         return rows
     new = {r["slide_id"] for r in rows}
-    old = pd.read_csv(path, dtype={"slide_id": str, "error": str}, keep_default_na=False)
-    kept = old[~old["slide_id"].isin(new)].to_dict("records")
+    with path.open(newline="", encoding="utf-8") as fh:
+        kept = [dict(r) for r in csv.DictReader(fh) if r["slide_id"] not in new]
     return [*kept, *rows]
 
 
-def _mark_trained_on(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
+def mark_trained_on(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
     """Set ``trained_on`` per row (the slide is in the run's ``splits.csv``); return those ids."""
-    import pandas as pd
+    import csv
 
     splits = run_dir / "splits.csv"
-    trained = set(pd.read_csv(splits)["slide_id"].astype(str)) if splits.is_file() else set()
+    trained: set[str] = set()
+    if splits.is_file():
+        with splits.open(newline="", encoding="utf-8") as fh:
+            trained = {r["slide_id"] for r in csv.DictReader(fh)}
     for row in rows:
         row["trained_on"] = row["slide_id"] in trained
     return [r["slide_id"] for r in rows if r["trained_on"]]
@@ -205,7 +208,7 @@ def predict_cohort(
     paths = {i.slide_id: i.path for i in inputs}
     items = [(sid, paths[sid]) for sid in (i.slide_id for i in inputs) if sid not in summary.failed]
     _diagnose(out, run_dir, items, options, summary, echo, progress)
-    seen = _mark_trained_on(summary.rows, run_dir)
+    seen = mark_trained_on(summary.rows, run_dir)
     if seen:
         echo(
             f"warning: {len(seen)} slide(s) were in the training cohort of {settings.run} "
@@ -254,10 +257,11 @@ def heatmap_cohort(
     echo(f"heatmap: {len(ids)} slide(s) with {settings.run}")
     summary = PredictSummary()
     _diagnose(out, run_dir, [(sid, None) for sid in ids], options, summary, echo, progress)
-    _mark_trained_on(summary.rows, run_dir)
     hm_dir = out / "heatmaps" / settings.run
     hm_dir.mkdir(parents=True, exist_ok=True)
     # Rendering a subset updates its rows; the index keeps every slide rendered before.
-    summary.csv = write_predictions_csv(_merge_index(summary.rows, hm_dir / INDEX_FILE), hm_dir / INDEX_FILE)
+    rows = merge_index(summary.rows, hm_dir / INDEX_FILE)
+    mark_trained_on(rows, run_dir)
+    summary.csv = write_predictions_csv(rows, hm_dir / INDEX_FILE)
     echo(f"heatmap: {len(summary.rows) - len(summary.failed)} done, {len(summary.failed)} failed → {hm_dir}")
     return summary

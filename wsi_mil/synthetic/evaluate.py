@@ -5,8 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from wsi_mil.synthetic.slides import SyntheticTruth
 
 
 @dataclass(frozen=True)
@@ -30,9 +34,9 @@ class Localisation:
     n_normal: int
 
 
-def patch_labels(truth: object, coords: np.ndarray, size: int, pos: float = 0.5) -> np.ndarray:
+def patch_labels(truth: SyntheticTruth, coords: np.ndarray, size: int, pos: float = 0.5) -> np.ndarray:
     """Per patch: 1 tumour (share ≥ ``pos``), 0 normal (no tumour), -1 ambiguous (ignored)."""
-    share = np.array([truth.fraction_in(int(x), int(y), size, "tumour") for x, y in coords])  # type: ignore[attr-defined]
+    share = np.array([truth.fraction_in(int(x), int(y), size, "tumour") for x, y in coords])
     return np.where(share >= pos, 1, np.where(share == 0, 0, -1))
 
 
