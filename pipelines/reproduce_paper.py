@@ -24,17 +24,23 @@ Protocols (docs/reproduction.md explains them):
   training-fold statistics; J inner folds of the training folds give J models; one
   epoch is chosen by their mean validation error (ties: loss), and the test fold is
   predicted by the mean of the J models' probabilities at that epoch.
+* **honest_lam<λ>** (job protocol) — the honest jobs again with another λ (same splits and
+  initial weights), for choosing λ by the inner CV.
+* Added protocols computed from these jobs by the report: **inner CV → refit** (the inner
+  CV's epoch applied to the ``published_z`` model trained on all training folds) and
+  **λ and epoch by inner CV + ensemble**.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -85,9 +91,7 @@ def _factory(arch: str, in_dim: int, s: Settings, stats: list | None, seeds: lis
 
     def make(m: int):
         torch.manual_seed(seeds[m])
-        model = create_model(
-            arch, in_dim, 2, lam=s.lam, trunk="paper", dropout=s.dropout, input_norm=True
-        )
+        model = create_model(arch, in_dim, 2, lam=s.lam, trunk="paper", dropout=s.dropout, input_norm=True)
         if stats is not None and stats[m] is not None:
             model.set_input_stats(*stats[m])
         return model
@@ -103,7 +107,13 @@ def _train_stats(bags: list[np.ndarray], idx: np.ndarray):
 
 
 def benchmark_job(
-    dataset: str, arch: str, protocol: str, repeats: int, s: Settings, out: Path
+    dataset: str,
+    arch: str,
+    protocol: str,
+    repeats: int,
+    s: Settings,
+    out: Path,
+    device: str = "cpu",
 ) -> str:
     """Train the repeats ``0 .. repeats-1`` of one job not saved yet, in lockstep; save them.
 
@@ -118,6 +128,12 @@ def benchmark_job(
 
     torch.set_num_threads(s.threads)
     stem = f"{dataset}_{arch}_{protocol}"
+    if protocol.startswith("honest_lam"):  # the honest protocol with another λ
+        if arch != "loss_attention":
+            raise SystemExit(f"{stem}: λ applies to loss_attention only")
+        s = replace(s, lam=float(protocol.removeprefix("honest_lam")))
+    elif protocol not in ("published", "published_z", "honest"):
+        raise SystemExit(f"{stem}: unknown protocol {protocol!r}")
     done = saved_repeats(out, stem)
     todo = [r for r in range(repeats) if r not in done]
     if not todo:
@@ -155,6 +171,7 @@ def benchmark_job(
         lr=s.lr,
         weight_decay=s.weight_decay,
         seed=1 + todo[0],
+        device=device,
     )
     probs = np.empty(len(res.probs), dtype=object)
     probs[:] = [p[..., 1].astype(np.float16) for p in res.probs]  # (E, n_eval) P(positive)
@@ -169,19 +186,22 @@ def benchmark_job(
         y=y,
         seconds=res.seconds,
         settings=json.dumps(asdict(s)),
+        device=device if device == "cpu" else _gpu_name(device),
     )
     os.replace(tmp, path)
     return f"{path.name}: {res.seconds:.0f} s"
 
 
+def _gpu_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
+
+
 def _jobs(quick: bool, repeats: int, honest_repeats: int) -> list[tuple[str, str, str, int]]:
     """Jobs in priority order: what the issue's targets need first, then the rest."""
     if quick:
-        return [
-            ("musk1", a, p, 1)
-            for a in ("loss_attention", "attention")
-            for p in ("published", "honest")
-        ]
+        return [("musk1", a, p, 1) for a in ("loss_attention", "attention") for p in ("published", "honest")]
     jobs = [(d, "loss_attention", "published", repeats) for d in DATASETS]
     for d in DATASETS:
         jobs += [(d, a, "honest", honest_repeats) for a in ("loss_attention", "attention")]
@@ -200,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
     ap.add_argument("--report", action="store_true", help="only rebuild the report")
     ap.add_argument("--workers", type=int, default=2, help="parallel processes (1 thread each)")
+    ap.add_argument("--device", default="cpu", help="where jobs train: cpu or cuda[:N]")
     ap.add_argument("--results", type=Path, default=None, help="where job files go")
     ap.add_argument("--docs", type=Path, default=None, help="where the report goes")
     ap.add_argument("--only", choices=("benchmarks", "digits"), default=None)
@@ -220,16 +241,16 @@ def main(argv: list[str] | None = None) -> None:
     s = Settings(epochs=3, folds=3, inner_folds=2) if quick else Settings()
     t0 = time.time()
     if not args.report:
-        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        # CUDA cannot be used in a forked child once initialised: spawn workers for a GPU.
+        ctx = multiprocessing.get_context("spawn" if args.device != "cpu" else None)
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
             jobs = [] if args.only == "digits" else _jobs(quick, args.repeats, args.honest_repeats)
             if args.jobs:
-                jobs = [
-                    (d, a, p, int(r)) for d, a, p, r in (j.split(":") for j in args.jobs.split(","))
-                ]
-            futs = [pool.submit(benchmark_job, d, a, p, r, s, results) for d, a, p, r in jobs[:1]]
+                jobs = [(d, a, p, int(r)) for d, a, p, r in (j.split(":") for j in args.jobs.split(","))]
+            futs = [pool.submit(benchmark_job, d, a, p, r, s, results, args.device) for d, a, p, r in jobs[:1]]
             if args.only != "benchmarks":  # second in the queue: one worker takes it early
                 futs.append(pool.submit(digits_experiment, results, quick))
-            futs += [pool.submit(benchmark_job, d, a, p, r, s, results) for d, a, p, r in jobs[1:]]
+            futs += [pool.submit(benchmark_job, d, a, p, r, s, results, args.device) for d, a, p, r in jobs[1:]]
             for f in futs:
                 print(f.result(), flush=True)
     write_report(results, docs, quick=quick)

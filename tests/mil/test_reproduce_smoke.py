@@ -101,3 +101,53 @@ def test_quick_cli(tmp_path: Path) -> None:
     rp.main(["--quick", "--results", str(tmp_path), "--workers", "1"])
     assert (tmp_path / "digits.json").is_file()
     assert (tmp_path / "digits_lambda_sweep.png").is_file()
+
+
+def _honest_record(y: np.ndarray, val_test_probs: list[np.ndarray], sets: list[np.ndarray]) -> dict:
+    """An honest job's record: repeat 0, fold 0, one inner model per entry, 2 val + 2 test."""
+    probs = np.empty(len(val_test_probs), dtype=object)
+    probs[:] = val_test_probs
+    es = np.empty(len(sets), dtype=object)
+    es[:] = sets
+    meta = np.array([(0, 0, j, 2, 2) for j in range(len(sets))])
+    return {"y": y, "probs": probs, "eval_sets": es, "meta": meta}
+
+
+def test_added_protocols_on_known_numbers() -> None:
+    from _repro_report import lambda_cv_scores, refit_scores
+
+    y = np.array([0, 1, 1, 0])  # bags 0, 1 validate; 2, 3 are the test fold
+    sets = [np.array([0, 1, 2, 3])]
+    # Inner validation is right only at epoch 1 (of 3).
+    hon = _honest_record(y, [np.array([[0.9, 0.1, 0.5, 0.5], [0.1, 0.9, 0.1, 0.9], [0.9, 0.1, 0.9, 0.1]])], sets)
+    refit_probs = np.empty(1, dtype=object)
+    refit_probs[:] = [np.array([[0.1, 0.9], [0.9, 0.1], [0.1, 0.9]])]  # right only at epoch 1
+    refit_sets = np.empty(1, dtype=object)
+    refit_sets[:] = [np.array([2, 3])]
+    refit = {"y": y, "probs": refit_probs, "eval_sets": refit_sets, "meta": np.array([(0, 0, -1, 2, 0)])}
+    assert refit_scores(hon, refit) == {(0, 0): 1.0}
+    refit_sets[:] = [np.array([1, 3])]
+    with pytest.raises(SystemExit, match="test different bags"):
+        refit_scores(hon, refit)
+    # Two λ jobs: the second validates perfectly at epoch 2, where its test fold is wrong;
+    # the first is never perfect on validation, so (λ 2, epoch 2) is chosen.
+    lam_a = _honest_record(y, [np.array([[0.9, 0.9, 0.9, 0.1]] * 3)], sets)
+    lam_b = _honest_record(y, [np.array([[0.9, 0.9, 0.9, 0.1]] * 2 + [[0.1, 0.9, 0.1, 0.9]])], sets)
+    assert lambda_cv_scores([lam_a, lam_b]) == {(0, 0): 0.0}
+    assert lambda_cv_scores([lam_a]) == {(0, 0): 1.0}
+
+
+def test_lambda_job_uses_its_lambda(tmp_path: Path) -> None:
+    import reproduce_paper as rp
+    from _repro_report import added_tables
+
+    s = rp.Settings(epochs=2, folds=3, inner_folds=2, threads=2)
+    for protocol in ("honest", "honest_lam1", "honest_lam0.01", "published_z"):
+        rp.benchmark_job("musk1", "loss_attention", protocol, 1, s, tmp_path)
+    z = np.load(tmp_path / "musk1_loss_attention_honest_lam1.npz", allow_pickle=True)
+    assert json.loads(str(z["settings"]))["lam"] == 1.0
+    with pytest.raises(SystemExit, match="loss_attention only"):
+        rp.benchmark_job("musk1", "attention", "honest_lam1", 1, s, tmp_path)
+    table, js = added_tables(tmp_path)
+    assert "inner CV → refit | 1×3" in table and "λ and epoch by inner CV + ensemble | 1×3" in table
+    assert len(js["musk1/loss_attention/inner CV → refit"]["accuracy"]) == 3
