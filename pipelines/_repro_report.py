@@ -53,7 +53,10 @@ def load_job(results: Path, stem: str) -> dict | None:
     parts = []
     for f in job_files(results, stem):
         with np.load(f, allow_pickle=True) as z:
-            parts.append({k: z[k] for k in ("probs", "eval_sets", "meta", "y", "seconds")})
+            part = {k: z[k] for k in ("probs", "eval_sets", "meta", "y", "seconds")}
+            # Files from before the GPU engine were all trained on the CPU.
+            part["device"] = str(z["device"]) if "device" in z.files else "cpu"
+            parts.append(part)
     if not parts:
         return None
     reps = [r for z in parts for r in _repeats_of(z)]
@@ -73,6 +76,10 @@ def load_job(results: Path, stem: str) -> dict | None:
         "meta": np.concatenate([z["meta"] for z in parts]),
         "y": parts[0]["y"],
         "seconds": float(sum(float(z["seconds"]) for z in parts)),
+        "seconds_by_device": {
+            d: float(sum(float(z["seconds"]) for z in parts if z["device"] == d))
+            for d in sorted({z["device"] for z in parts})
+        },
         "repeats": sorted(reps),
     }
 
@@ -182,6 +189,20 @@ def lambda_cv_scores(jobs: list[dict]) -> dict[tuple[int, int], float]:
     return out
 
 
+def _time_cell(jobs: list[dict]) -> str:
+    """Train time per device, in minutes: 'CPU 26.0 + NVIDIA H200 5.6 min'."""
+    by: dict[str, float] = {}
+    for z in jobs:
+        for d, sec in z["seconds_by_device"].items():
+            by[d] = by.get(d, 0.0) + sec
+    return (
+        " + ".join(
+            f"{'CPU' if d == 'cpu' else d} {sec / 60:.1f}" for d, sec in sorted(by.items(), key=lambda x: x[0] != "cpu")
+        )
+        + " min"
+    )
+
+
 def _fmt(v: list[float] | None) -> str:
     if not v:
         return "—"
@@ -193,7 +214,7 @@ def benchmark_tables(results: Path) -> tuple[str, dict]:
     lines = [
         "| dataset | model | paper | as published: best test epoch | published setup, epoch 100 "
         "| honest: val split | **honest: inner CV + ensemble** | honest: ensemble, epoch 100 "
-        "| repeats × folds | train time (all repeats) |",
+        "| repeats × folds | train time (all repeats, by device) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     js: dict = {}
@@ -211,6 +232,7 @@ def benchmark_tables(results: Path) -> tuple[str, dict]:
             for suffix, pz, hz in variants:
                 pub = hon = None
                 secs, folds = 0.0, []
+                made = [z for z in (pz, hz) if z is not None]
                 if pz is not None:
                     pub = published_scores(pz)
                     secs += pz["seconds"]
@@ -229,7 +251,7 @@ def benchmark_tables(results: Path) -> tuple[str, dict]:
                     f"| {_fmt(pub and pub['last_epoch'])} | {_fmt(hon and hon['val_split'])} "
                     f"| {_fmt(hon and hon['inner_cv_ensemble'])} "
                     f"| {_fmt(hon and hon['ensemble_last'])} | {', '.join(folds)} "
-                    f"| {secs / 60:.1f} min |"
+                    f"| {_time_cell(made)} |"
                 )
                 tag = "published_z" if suffix else "published"
                 entry.update({f"{tag}_{k}": v for k, v in (pub or {}).items()})

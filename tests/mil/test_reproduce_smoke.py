@@ -62,6 +62,7 @@ def test_more_repeats_train_only_the_missing_ones(tmp_path: Path) -> None:
     assert z is not None and z["repeats"] == [0, 1, 2] and len(z["probs"]) == 3 * 3
     table, js = benchmark_tables(tmp_path)
     assert "pub 3×3" in table and js["musk1/attention"]["published_repeats"] == [0, 1, 2]
+    assert "| CPU " in table and z["seconds_by_device"].keys() == {"cpu"}
 
 
 def test_selection_protocols_on_known_numbers() -> None:
