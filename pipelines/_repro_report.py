@@ -171,10 +171,13 @@ def refit_scores(hon: dict, refit: dict) -> dict[tuple[int, int], float]:
     return out
 
 
-def lambda_cv_scores(jobs: list[dict]) -> dict[tuple[int, int], float]:
+def lambda_cv_scores(
+    jobs: list[dict], chosen: dict[tuple[int, int], int] | None = None
+) -> dict[tuple[int, int], float]:
     """λ and epoch by inner CV + ensemble: over honest jobs that differ only in λ, pick the
     (λ, epoch) of lowest mean inner-validation error (ties: loss, then the job listed first,
-    then the earliest epoch) and test that λ's inner-model ensemble. Outer folds all jobs have.
+    then the earliest epoch) and test that λ's inner-model ensemble. Outer folds all jobs have;
+    ``chosen``, when given, receives the index of the job chosen for each fold.
     """
     per_job = [_outer_folds(z) for z in jobs]
     out = {}
@@ -184,6 +187,8 @@ def lambda_cv_scores(jobs: list[dict]) -> dict[tuple[int, int], float]:
         L, E = err.shape
         order = np.lexsort((np.tile(np.arange(E), L), np.repeat(np.arange(L), E), loss.ravel(), err.ravel()))
         lam_i, e = divmod(int(order[0]), E)
+        if chosen is not None:
+            chosen[key] = lam_i
         f = per_job[lam_i][key]
         out[key] = _acc(f["test"].mean(0)[e], f["y_test"])
     return out
@@ -282,15 +287,19 @@ def added_tables(results: Path) -> tuple[str, dict]:
             if hon is None:
                 continue
             primary = dict(zip(_outer_folds(hon), honest_scores(hon)["inner_cv_ensemble"], strict=True))
-            added: list[tuple[str, dict]] = []
+            added: list[tuple[str, str, dict]] = []  # (JSON key, table label, scores)
             pubz = load_job(results, f"{d}_{a}_published_z")
             if pubz is not None:
-                added.append(("inner CV → refit", refit_scores(hon, pubz)))
+                added.append(("refit", "inner CV → refit", refit_scores(hon, pubz)))
             if a == "loss_attention":
                 lam = [load_job(results, f"{d}_{a}_{p}") for p in LAMBDA_JOBS]
                 if all(z is not None for z in lam):
-                    added.append(("λ and epoch by inner CV + ensemble", lambda_cv_scores(lam)))
-            for name, scores in added:
+                    chosen: dict[tuple[int, int], int] = {}
+                    scores = lambda_cv_scores(lam, chosen)
+                    counts = np.bincount(list(chosen.values()), minlength=len(LAMBDA_JOBS))
+                    name = "λ and epoch by inner CV + ensemble (folds choosing λ 0.01 / 0.1 / 1: "
+                    added.append(("lambda_cv", name + " / ".join(map(str, counts)) + ")", scores))
+            for key, name, scores in added:
                 if not scores:
                     continue
                 prim = [primary[k] for k in scores]
@@ -300,7 +309,7 @@ def added_tables(results: Path) -> tuple[str, dict]:
                     f"| {d.upper()} | {NAMES[a]} | {name} | {n_rep}×{len(got) // n_rep} "
                     f"| {_fmt(got)} | {_fmt(prim)} | {np.mean(got) - np.mean(prim):+.3f} |"
                 )
-                js[f"{d}/{a}/{name}"] = {
+                js[f"{d}/{a}/{key}"] = {
                     "folds": [list(k) for k in scores],
                     "accuracy": got,
                     "primary_same_folds": prim,

@@ -150,5 +150,6 @@ def test_lambda_job_uses_its_lambda(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="loss_attention only"):
         rp.benchmark_job("musk1", "attention", "honest_lam1", 1, s, tmp_path)
     table, js = added_tables(tmp_path)
-    assert "inner CV → refit | 1×3" in table and "λ and epoch by inner CV + ensemble | 1×3" in table
-    assert len(js["musk1/loss_attention/inner CV → refit"]["accuracy"]) == 3
+    assert "inner CV → refit | 1×3" in table and "λ and epoch by inner CV + ensemble (folds choosing λ" in table
+    assert len(js["musk1/loss_attention/refit"]["accuracy"]) == 3
+    assert len(js["musk1/loss_attention/lambda_cv"]["accuracy"]) == 3
