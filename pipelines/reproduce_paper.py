@@ -239,6 +239,15 @@ def main(argv: list[str] | None = None) -> None:
     docs = args.docs or (results if quick else ROOT / "docs")
     results.mkdir(parents=True, exist_ok=True)
     s = Settings(epochs=3, folds=3, inner_folds=2) if quick else Settings()
+    if args.device != "cpu" and not args.report:
+        import torch
+
+        try:
+            ok = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
+        except RuntimeError as e:
+            raise SystemExit(f"--device {args.device}: {e}") from e
+        if not ok:
+            raise SystemExit(f"--device {args.device}: no CUDA device here; use cpu")
     t0 = time.time()
     if not args.report:
         # CUDA cannot be used in a forked child once initialised: spawn workers for a GPU.

@@ -153,3 +153,14 @@ def test_lambda_job_uses_its_lambda(tmp_path: Path) -> None:
     assert "inner CV → refit | 1×3" in table and "λ and epoch by inner CV + ensemble (folds choosing λ" in table
     assert len(js["musk1/loss_attention/refit"]["accuracy"]) == 3
     assert len(js["musk1/loss_attention/lambda_cv"]["accuracy"]) == 3
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU refusal")
+def test_gpu_device_refused_without_cuda(tmp_path: Path) -> None:
+    import reproduce_paper as rp
+
+    with pytest.raises(SystemExit, match="no CUDA device here"):
+        rp.main(["--quick", "--device", "cuda", "--results", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--device gpu"):
+        rp.main(["--quick", "--device", "gpu", "--results", str(tmp_path)])
+    assert not list(tmp_path.glob("*.npz"))
