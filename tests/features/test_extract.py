@@ -58,6 +58,9 @@ def test_backends_agree(out: Path, tmp_path: Path) -> None:
     a = h5.read_bag(bag_path(out, "texture", "tum")).features
     b = h5.read_bag(bag_path(other, "texture", "tum")).features
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+    # supertile left at auto (0): per-patch reads with OpenSlide, 4 × 4 with tiffslide.
+    assert h5.read_bag(bag_path(out, "texture", "tum")).attrs["supertile"] == 1
+    assert h5.read_bag(bag_path(other, "texture", "tum")).attrs["supertile"] == 4
 
 
 def test_resume_skips_complete_bags(out: Path) -> None:

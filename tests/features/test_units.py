@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsi_mil.features.extract import encoder_dirname, is_extracted
+from wsi_mil.errors import ConfigError
+from wsi_mil.features.extract import ExtractConfig, encoder_dirname, is_extracted
 from wsi_mil.features.reader import make_groups
 from wsi_mil.features.writer import BagWriter
 from wsi_mil.io import h5
@@ -85,3 +87,11 @@ def test_slide_without_patches_gives_an_empty_bag(tiled: Path, tmp_path: Path) -
     bag = h5.read_bag(out / "features" / "texture" / "h5_files" / "nor.h5")
     assert bag.features.shape == (0, summary.dim) and bag.coords.shape == (0, 2)
     assert extract_cohort(out, "texture", progress=False).skipped == ["nor"]
+
+
+def test_supertile_auto_follows_the_backend() -> None:
+    assert ExtractConfig().supertile_used == 1  # OpenSlide: per-patch reads
+    assert ExtractConfig(backend="tiffslide").supertile_used == 4
+    assert ExtractConfig(backend="tiffslide", supertile=2).supertile_used == 2
+    with pytest.raises(ConfigError, match="supertile"):
+        ExtractConfig(supertile=-1)
