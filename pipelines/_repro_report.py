@@ -236,16 +236,14 @@ def benchmark_tables(results: Path) -> tuple[str, dict]:
             variants = [("", pub_z, hon_z), (" (z-scored input)", pubz_z, None)]
             for suffix, pz, hz in variants:
                 pub = hon = None
-                secs, folds = 0.0, []
+                folds: list[str] = []
                 made = [z for z in (pz, hz) if z is not None]
                 if pz is not None:
                     pub = published_scores(pz)
-                    secs += pz["seconds"]
                     n_rep = len(pz["repeats"])
                     folds.append(f"pub {n_rep}×{len(pub['last_epoch']) // n_rep}")
                 if hz is not None:
                     hon = honest_scores(hz)
-                    secs += hz["seconds"]
                     n_rep = len(hz["repeats"])
                     folds.append(f"hon {n_rep}×{len(hon['val_split']) // n_rep}")
                 if pub is None and hon is None:
@@ -265,7 +263,7 @@ def benchmark_tables(results: Path) -> tuple[str, dict]:
                     entry[f"{tag}_repeats"] = pz["repeats"]
                 if hz is not None:
                     entry["honest_repeats"] = hz["repeats"]
-                entry["train_seconds"] += secs
+                entry["train_seconds"] += sum(z["seconds"] for z in made)
             js[f"{d}/{a}"] = entry
     return "\n".join(lines), js
 
@@ -292,7 +290,7 @@ def added_tables(results: Path) -> tuple[str, dict]:
             if pubz is not None:
                 added.append(("refit", "inner CV → refit", refit_scores(hon, pubz)))
             if a == "loss_attention":
-                lam = [load_job(results, f"{d}_{a}_{p}") for p in LAMBDA_JOBS]
+                lam = [hon if p == "honest" else load_job(results, f"{d}_{a}_{p}") for p in LAMBDA_JOBS]
                 if all(z is not None for z in lam):
                     chosen: dict[tuple[int, int], int] = {}
                     scores = lambda_cv_scores(lam, chosen)
