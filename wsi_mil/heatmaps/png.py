@@ -8,6 +8,9 @@ import numpy as np
 
 from wsi_mil.heatmaps.pyramid import Overlay
 from wsi_mil.slide import Slide
+from wsi_mil.slide.base import thumbnail_size
+
+__all__ = ["gallery_indices", "read_thumbnail", "render_gallery", "render_overlay", "thumbnail_size"]
 
 #: Height of the colour bar under the PNG overlay.
 LEGEND_PX = 28
@@ -16,23 +19,9 @@ BAND = 256
 GAP = 4
 
 
-def thumbnail_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """(w, h) of a thumbnail of a ``width × height`` slide with longest side ``max_side``."""
-    f = max(width, height) / max_side
-    return max(1, round(width / f)), max(1, round(height / f))
-
-
 def read_thumbnail(slide: Slide, max_side: int) -> np.ndarray:
-    """The slide at ``thumbnail_size`` as (h, w, 3) uint8, from the best pyramid level."""
-    import cv2
-
-    width, height = slide.dimensions
-    tw, th = thumbnail_size(width, height, max_side)
-    level = slide.best_level_for_downsample(width / tw)
-    img = slide.read_level(level)
-    if (img.shape[1], img.shape[0]) != (tw, th):
-        img = cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
-    return img
+    """The slide at ``thumbnail_size`` as (h, w, 3) uint8, from the best level read in bands."""
+    return slide.read_thumbnail(max_side)
 
 
 def render_overlay(

@@ -10,7 +10,14 @@ from types import TracebackType
 
 import numpy as np
 
-from wsi_mil.errors import MissingMppError
+from wsi_mil.errors import MissingMppError, SlideError
+
+#: Source pixels read per band when a level is resampled (plus one row of tiles at least).
+BAND_PIXELS = 16_000_000
+#: Source pixels turned into float at a time inside a band.
+CHUNK_PIXELS = 2_000_000
+#: Largest level :meth:`Slide.read_level` reads whole (4096 × 4096).
+MAX_LEVEL_PIXELS = 4096 * 4096
 
 
 @dataclass(frozen=True)
@@ -123,26 +130,156 @@ class Slide(abc.ABC):
         return best
 
     def read_level(self, level: int) -> np.ndarray:
-        """Read a whole level as (h, w, 3) uint8 — for the small levels only."""
+        """Read a whole level as (h, w, 3) uint8 — small levels only.
+
+        Raises
+        ------
+        SlideError
+            The level has more than :data:`MAX_LEVEL_PIXELS` pixels; a low-resolution
+            image of the slide comes from :meth:`read_at_mpp` or :meth:`read_thumbnail`,
+            which read in bands.
+        """
         w, h = self.level_dimensions[level]
+        if w * h > MAX_LEVEL_PIXELS:
+            raise SlideError(
+                self.slide_id,
+                f"level {level} of {self.path} is {w}×{h} px, too large to read whole; "
+                "use read_at_mpp or read_thumbnail, which read in bands",
+            )
         return self.read_region((0, 0), level, (w, h))
 
-    def read_at_mpp(self, target_mpp: float) -> tuple[np.ndarray, float]:
+    def read_level_pixels(self, level: int, location: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        """Read ``size`` (w, h) pixels of ``level`` at level pixel ``location`` (white outside).
+
+        The default converts to a level-0 location for :meth:`read_region`; backends
+        that address levels directly override it to avoid rounding.
+        """
+        ds = self.level_downsamples[level]
+        loc0 = (int(round(location[0] * ds)), int(round(location[1] * ds)))
+        return self.read_region(loc0, level, size)
+
+    def tile_height(self, level: int) -> int | None:
+        """Height of the stored tiles (or strips) of ``level``, when the backend knows it."""
+        return None
+
+    def resample_level(
+        self,
+        level: int,
+        rect: tuple[int, int, int, int],
+        size: tuple[int, int],
+        band_pixels: int | None = None,
+    ) -> np.ndarray:
+        """Area-average a rectangle of ``level`` to ``size``, reading it in bands of rows.
+
+        Memory is the (float) output plus one band of :data:`BAND_PIXELS` source pixels
+        (at least one row of tiles), whatever the rectangle's size. Equal, within one grey
+        level, to reading the rectangle whole and ``cv2.resize(..., INTER_AREA)``.
+
+        Parameters
+        ----------
+        level : int
+            Pyramid level to read.
+        rect : (int, int, int, int)
+            (x, y, w, h) in pixels of ``level``; parts outside the level read as white.
+        size : (int, int)
+            Output (width, height).
+        band_pixels : int, optional
+            Source pixels per band (default :data:`BAND_PIXELS`).
+
+        Returns
+        -------
+        ndarray
+            (h, w, 3) uint8.
+
+        Examples
+        --------
+        >>> img = slide.resample_level(1, (0, 0, *slide.level_dimensions[1]), (512, 384))  # doctest: +SKIP
+        """
+        x, y, sw, sh = (int(v) for v in rect)
+        ow, oh = (max(1, int(v)) for v in size)
+        budget = int(band_pixels or BAND_PIXELS)
+        rows = max(1, budget // max(sw, 1))
+        th = self.tile_height(level)
+        if th and 0 < th <= 4096:  # whole rows of tiles: each tile is decoded once
+            rows = max(th, rows // th * th)
+        if (ow, oh) == (sw, sh):
+            out = np.empty((oh, ow, 3), np.uint8)
+            for s0 in range(0, sh, rows):
+                n = min(rows, sh - s0)
+                out[s0 : s0 + n] = self.read_level_pixels(level, (x, y + s0), (sw, n))
+            return out
+        acc = np.zeros((oh, ow * 3), np.float32)
+        fy = sh / oh
+        for s0 in range(0, sh, rows):
+            s1 = min(sh, s0 + rows)
+            band = self.read_level_pixels(level, (x, y + s0), (sw, s1 - s0))
+            flat = _shrink_rows(band, ow).reshape(s1 - s0, ow * 3)  # (n, ow*3) float32
+            o0, o1 = int(s0 // fy), min(oh, math.ceil(s1 / fy))
+            acc[o0:o1] += _area_weights(o0, o1, s0, s1, fy).astype(np.float32) @ flat  # (o1-o0, n) @ (n, ow*3)
+        return np.clip(np.rint(acc), 0, 255).astype(np.uint8).reshape(oh, ow, 3)
+
+    def read_resized(
+        self, location: tuple[int, int], size_level0: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        """A level-0 rectangle resampled to ``size`` (w, h), from the best level, in bands.
+
+        Parameters
+        ----------
+        location : (int, int)
+            Level-0 (x, y) of the top-left corner.
+        size_level0 : (int, int)
+            (width, height) of the rectangle in level-0 pixels.
+        size : (int, int)
+            Output (width, height).
+
+        Examples
+        --------
+        >>> tile = slide.read_resized((0, 0), (16384, 16384), (256, 256))  # doctest: +SKIP
+        """
+        w0, h0 = size_level0
+        ow, oh = (max(1, int(v)) for v in size)
+        level = self.best_level_for_downsample(max(min(w0 / ow, h0 / oh), 1.0))
+        ds = self.level_downsamples[level]
+        lx, ly = int(math.floor(location[0] / ds + 1e-6)), int(math.floor(location[1] / ds + 1e-6))
+        lw, lh = max(1, int(round(w0 / ds))), max(1, int(round(h0 / ds)))
+        return self.resample_level(level, (lx, ly, lw, lh), (ow, oh))
+
+    def read_at_mpp(self, target_mpp: float, band_pixels: int | None = None) -> tuple[np.ndarray, float]:
         """Whole slide resampled near ``target_mpp``; returns the image and its true mpp.
 
-        Reads the best level not finer than needed, then resizes with area averaging.
-        """
-        import cv2
+        Reads the best level not finer than needed in bands of rows and area-averages
+        each band into the output, so memory is bounded by the output whatever the
+        slide's size (a flat, single-level slide included).
 
+        Examples
+        --------
+        >>> rgb, mpp = slide.read_at_mpp(8.0)  # doctest: +SKIP
+        """
         downsample = max(target_mpp / self.mpp.mean, 1.0)
-        level = self.best_level_for_downsample(downsample)
-        img = self.read_level(level)
         w0, h0 = self.dimensions
         out_w = max(1, math.ceil(w0 / downsample))
         out_h = max(1, math.ceil(h0 / downsample))
-        if (out_w, out_h) != (img.shape[1], img.shape[0]):
-            img = cv2.resize(img, (out_w, out_h), interpolation=cv2.INTER_AREA)
+        img = self._whole_slide(downsample, (out_w, out_h), band_pixels)
         return img, w0 / out_w * self.mpp.mean
+
+    def read_thumbnail(self, max_side: int, band_pixels: int | None = None) -> np.ndarray:
+        """The whole slide with its longest side ``max_side`` px, as (h, w, 3) uint8.
+
+        Size as :func:`thumbnail_size`; read in bands like :meth:`read_at_mpp`.
+
+        Examples
+        --------
+        >>> thumb = slide.read_thumbnail(2048)  # doctest: +SKIP
+        """
+        w0, h0 = self.dimensions
+        tw, th = thumbnail_size(w0, h0, max_side)
+        return self._whole_slide(w0 / tw, (tw, th), band_pixels)
+
+    def _whole_slide(self, downsample: float, size: tuple[int, int], band_pixels: int | None) -> np.ndarray:
+        """The best level for ``downsample``, whole, resampled to ``size``."""
+        level = self.best_level_for_downsample(downsample)
+        lw, lh = self.level_dimensions[level]
+        return self.resample_level(level, (0, 0, lw, lh), size, band_pixels)
 
     def __enter__(self) -> Slide:
         return self
@@ -157,3 +294,43 @@ class Slide(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({str(self.path)!r})"
+
+
+def thumbnail_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """(w, h) of a thumbnail of a ``width × height`` slide with longest side ``max_side``.
+
+    Examples
+    --------
+    >>> thumbnail_size(40000, 30000, 2048)
+    (2048, 1536)
+    """
+    f = max(width, height) / max_side
+    return max(1, round(width / f)), max(1, round(height / f))
+
+
+def _shrink_rows(band: np.ndarray, out_w: int) -> np.ndarray:
+    """(n, w, 3) uint8 → (n, out_w, 3) float32 area-averaged along x, a chunk of rows at a time."""
+    import cv2
+
+    n, w = band.shape[:2]
+    out = np.empty((n, out_w, 3), np.float32)
+    step = max(1, CHUNK_PIXELS // max(w, 1))
+    for r in range(0, n, step):
+        chunk = band[r : r + step].astype(np.float32)
+        if w != out_w:
+            chunk = cv2.resize(chunk, (out_w, len(chunk)), interpolation=cv2.INTER_AREA)
+        out[r : r + step] = chunk
+    return out
+
+
+def _area_weights(o0: int, o1: int, s0: int, s1: int, f: float) -> np.ndarray:
+    """(o1-o0, s1-s0) share of source rows [s0, s1) in output rows [o0, o1), ``f`` rows each.
+
+    Output row ``o`` averages the source interval [o·f, (o+1)·f): the weight of source
+    row ``s`` is the overlap of [s, s+1) with it, over ``f``. A source row split across
+    two bands gets its share in each, so bands sum to the whole-image area average.
+    """
+    lo = np.arange(o0, o1, dtype=np.float64)[:, None] * f  # (m, 1)
+    src = np.arange(s0, s1, dtype=np.float64)[None, :]  # (1, n)
+    overlap = np.minimum(src + 1, lo + f) - np.maximum(src, lo)
+    return np.clip(overlap, 0, None) / f

@@ -82,6 +82,13 @@ class OpenSlideSlide(Slide):
         rgb[rgba[..., 3] == 0] = 255
         return rgb
 
+    def tile_height(self, level: int) -> int | None:
+        value = self._osr.properties.get(f"openslide.level[{level}].tile-height")
+        try:
+            return int(value) if value is not None else None
+        except ValueError:
+            return None
+
     def close(self) -> None:
         osr = getattr(self, "_osr", None)
         if osr is not None:

@@ -73,6 +73,29 @@ class TiffSlideSlide(Slide):
         out[cy0 - ly : cy0 - ly + arr.shape[0], cx0 - lx : cx0 - lx + arr.shape[1]] = arr
         return out
 
+    def tile_height(self, level: int) -> int | None:
+        value = self._ts.properties.get(f"tiffslide.level[{level}].tile-height")
+        try:
+            return int(value) if value is not None else None
+        except (TypeError, ValueError):
+            return None
+
+    def read_level_pixels(self, level: int, location: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        lx, ly = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        lw, lh = self.level_dimensions[level]
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
+        out = np.full((h, w, 3), 255, np.uint8)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return out
+        try:
+            arr = np.asarray(self.zarr_level(level)[cy0:cy1, cx0:cx1])[..., :3]
+        except Exception as exc:
+            raise SlideError(self.slide_id, f"cannot read level {level} at {(lx, ly)} of {self.path} ({exc})") from exc
+        out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = arr
+        return out
+
     def close(self) -> None:
         ts = getattr(self, "_ts", None)
         if ts is not None:

@@ -24,6 +24,8 @@ from wsi_mil.errors import SlideError, WsiMilError
 SLIDE_TILE, SLIDE_OVERLAP = 254, 1
 #: Overlay tiles: no overlap, so a tile's pixels are exactly a raster of the score grid.
 OVERLAY_TILE = 256
+#: Virtual levels (4× each) are added below a slide's coarsest level until it is this small.
+VIRTUAL_MAX_SIDE = 1024
 JPEG_QUALITY = 80
 
 
@@ -55,13 +57,26 @@ class LRU:
 class _DeepZoomSource:
     """The OpenSlide-like face that ``DeepZoomGenerator`` reads, over a wsi-mil :class:`Slide`.
 
-    tiffslide handles are not safe to share between threads, so reads take a lock there.
+    A slide whose coarsest level is still large (a flat, single-level TIFF) gets virtual
+    levels, each 4× coarser, down to :data:`VIRTUAL_MAX_SIDE` px: without them the
+    generator would read the whole of level 0 for a zoomed-out tile. Virtual tiles are
+    read in bands from the nearest real level (:meth:`Slide.read_resized`); the coarsest
+    virtual level is built once (in bands) and kept. tiffslide handles are not safe to
+    share between threads, so reads take a lock there.
     """
 
     def __init__(self, slide: Any) -> None:
         self._slide = slide
         self._lock = threading.Lock() if slide.backend_name != "openslide" else None
         self.properties: dict[str, str] = {}  # white background, no bounds: the defaults
+        w0, h0 = slide.dimensions
+        dims, downs = list(slide.level_dimensions), list(slide.level_downsamples)
+        while max(dims[-1]) > VIRTUAL_MAX_SIDE:
+            ds = downs[-1] * 4
+            dims.append((max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))))
+            downs.append(w0 / dims[-1][0])
+        self._dims, self._downs = tuple(dims), tuple(downs)
+        self._coarsest: np.ndarray | None = None  # the last virtual level, once read
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -69,29 +84,43 @@ class _DeepZoomSource:
 
     @property
     def level_count(self) -> int:
-        return self._slide.level_count
+        return len(self._dims)
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._slide.level_dimensions
+        return self._dims
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:
-        return self._slide.level_downsamples
+        return self._downs
 
     def get_best_level_for_downsample(self, downsample: float) -> int:
         # Never a level coarser than asked: DeepZoomGenerator only shrinks what it reads.
-        downs = self._slide.level_downsamples
-        return max((i for i, d in enumerate(downs) if d <= downsample + 1e-9), default=0)
+        return max((i for i, d in enumerate(self._downs) if d <= downsample + 1e-9), default=0)
+
+    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        if level < self._slide.level_count:
+            return self._slide.read_region(location, level, size)
+        ds = self._downs[level]
+        if level < len(self._dims) - 1:
+            return self._slide.read_resized(location, (round(size[0] * ds), round(size[1] * ds)), size)
+        if self._coarsest is None:
+            lw, lh = self._dims[level]
+            self._coarsest = self._slide.read_resized((0, 0), self._slide.dimensions, (lw, lh))
+        out = np.full((size[1], size[0], 3), 255, np.uint8)
+        x, y = int(round(location[0] / ds)), int(round(location[1] / ds))
+        part = self._coarsest[max(y, 0) : y + size[1], max(x, 0) : x + size[0]]
+        out[max(-y, 0) : max(-y, 0) + part.shape[0], max(-x, 0) : max(-x, 0) + part.shape[1]] = part
+        return out
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Any:
         from PIL import Image
 
         if self._lock is None:
-            rgb = self._slide.read_region(location, level, size)
+            rgb = self._read(location, level, size)
         else:
             with self._lock:
-                rgb = self._slide.read_region(location, level, size)
+                rgb = self._read(location, level, size)
         return Image.fromarray(np.ascontiguousarray(rgb)).convert("RGBA")
 
     def close(self) -> None:
