@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed-stamp
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-all lint format bench clean
+.PHONY: install demo test test-slurm test-all lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,7 +37,14 @@ demo: install
 	$(BIN)/wsi-mil demo --out $(DEMO_OUT)
 
 test: install
-	$(BIN)/python -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow and not gpu and not slurm" $(PYTEST_ARGS)
+
+# The SLURM recipe (pipelines/cluster/slurm_example.py) on a single-node SLURM that the test
+# starts and stops (pipelines/cluster/local_slurm.sh: root; installs Debian's munge, slurmctld,
+# slurmd when missing). Fails when SLURM cannot run here; WSI_MIL_REQUIRE_SLURM=0 skips instead.
+test-slurm: install
+	$(BIN)/python -c "import dask_jobqueue" 2>/dev/null || $(BIN)/python -m pip install -q -e '.[slurm]'
+	WSI_MIL_REQUIRE_SLURM=$${WSI_MIL_REQUIRE_SLURM:-1} $(BIN)/python -m pytest -m slurm tests/cohort/test_slurm.py $(PYTEST_ARGS)
 
 test-all: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
