@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,23 +19,49 @@ from wsi_mil.io.h5 import read_bag
 
 @dataclass
 class LabelTable:
-    """Slides, their labels as class indices, and the class names (sorted)."""
+    """Slides, their labels as class indices, their cases (patients) and the class names.
+
+    ``case_ids[i]`` is the case of ``slide_ids[i]``; without a ``case_id`` column every
+    slide is its own case (its case id is its slide id).
+    """
 
     slide_ids: list[str]
     y: np.ndarray  # (S,) int64
     classes: list[str]
+    case_ids: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.case_ids:
+            self.case_ids = list(self.slide_ids)
+
+    @property
+    def has_cases(self) -> bool:
+        """True when some case has more than one slide (a CLAM-style cohort)."""
+        return len(set(self.case_ids)) < len(self.case_ids)
 
 
 def read_labels(path: str | os.PathLike[str]) -> LabelTable:
-    """Read ``slide_id,label`` (or CLAM's ``case_id,slide_id,label``).
+    r"""Read ``slide_id,label`` (or CLAM's ``case_id,slide_id,label``).
 
     Labels may be strings or numbers; classes are their sorted unique values as strings.
+    A ``case_id`` column groups slides of one patient: cross-validation never splits a
+    case, and metrics are reported per slide and per case. A UTF-8 byte-order mark is
+    accepted.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> csv = pathlib.Path(tempfile.mkdtemp()) / "labels.csv"
+    >>> _ = csv.write_text("case_id,slide_id,label\nA,a1,tumor\nA,a2,tumor\nB,b1,normal\n")
+    >>> t = read_labels(csv)
+    >>> t.classes, t.case_ids, t.y.tolist()
+    (['normal', 'tumor'], ['A', 'A', 'B'], [1, 1, 0])
     """
     import pandas as pd
 
     path = Path(path)
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path}: cannot read labels CSV ({exc})") from exc
     cols = {c.strip().lower(): c for c in df.columns}
@@ -46,7 +73,12 @@ def read_labels(path: str | os.PathLike[str]) -> LabelTable:
     labels = [s.strip() for s in df[cols["label"]].astype(str)]
     if any(not s for s in ids) or any(not s for s in labels):
         raise ConfigError(f"{path}: empty slide_id or label in some rows")
-    dup = sorted({s for s in ids if ids.count(s) > 1})
+    cases: list[str] = []
+    if "case_id" in cols:
+        cases = [s.strip() for s in df[cols["case_id"]].astype(str)]
+        if any(not s for s in cases):
+            raise ConfigError(f"{path}: empty case_id in some rows (leave the column out if slides are cases)")
+    dup = sorted(s for s, n in Counter(ids).items() if n > 1)
     if dup:
         raise ConfigError(f"{path}: duplicate slide_id(s) {', '.join(dup[:5])}")
     try:  # numeric labels sort numerically ("2" < "10")
@@ -58,7 +90,23 @@ def read_labels(path: str | os.PathLike[str]) -> LabelTable:
     if len(classes) < 2:
         raise ConfigError(f"{path}: needs at least two classes, found {classes}")
     index = {c: i for i, c in enumerate(classes)}
-    return LabelTable(ids, np.array([index[s] for s in labels], np.int64), classes)
+    return LabelTable(ids, np.array([index[s] for s in labels], np.int64), classes, cases)
+
+
+def write_labels(path: str | os.PathLike[str], table: LabelTable, keep: Sequence[int] | None = None) -> None:
+    """Write ``table`` (rows ``keep``, default all) as ``case_id,slide_id,label``, atomically."""
+    import csv
+    import io
+
+    from wsi_mil.io.atomic import write_text_atomic
+
+    rows = range(len(table.slide_ids)) if keep is None else keep
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["case_id", "slide_id", "label"])
+    for i in rows:
+        w.writerow([table.case_ids[i], table.slide_ids[i], table.classes[int(table.y[i])]])
+    write_text_atomic(path, buf.getvalue())
 
 
 def bag_paths(feature_dir: str | os.PathLike[str], slide_ids: Sequence[str]) -> list[Path]:

@@ -60,3 +60,57 @@ def summarize(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:
             "std": float(ok.std()) if len(ok) else math.nan,
         }
     return summary
+
+
+#: How a case's probability is made from its slides' (written into metrics.json).
+CASE_AGGREGATION = "mean of the case's slide probabilities; a case whose slides disagree on the label is left out"
+
+
+def aggregate_cases(
+    case_ids: list[str], y: np.ndarray | None, probs: np.ndarray
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    """Per case (patient): the mean of its slides' probabilities and its label.
+
+    Parameters
+    ----------
+    case_ids : list of str
+        (S,) case of each slide.
+    y : ndarray or None
+        (S,) class index of each slide; None when unknown (new slides).
+    probs : ndarray
+        (S, K) slide probabilities.
+
+    Returns
+    -------
+    cases : list of str
+        Case ids in order of first appearance.
+    y_case : ndarray
+        (C,) the label shared by the case's slides, -1 when they disagree or are unknown.
+    p_case : ndarray
+        (C, K) mean of the case's slide probabilities.
+    n_slides : ndarray
+        (C,) slides per case.
+
+    Examples
+    --------
+    >>> c, yc, pc, n = aggregate_cases(["a", "a", "b"], np.array([1, 1, 0]),
+    ...                                np.array([[0.2, 0.8], [0.4, 0.6], [0.9, 0.1]]))
+    >>> c, yc.tolist(), pc.round(2).tolist(), n.tolist()
+    (['a', 'b'], [1, 0], [[0.3, 0.7], [0.9, 0.1]], [2, 1])
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    cases = list(dict.fromkeys(case_ids))
+    index = {c: i for i, c in enumerate(cases)}
+    rows = np.array([index[c] for c in case_ids])
+    n_slides = np.bincount(rows, minlength=len(cases))
+    p_case = np.zeros((len(cases), probs.shape[1]))
+    np.add.at(p_case, rows, probs)
+    p_case /= n_slides[:, None]
+    y_case = np.full(len(cases), -1, np.int64)
+    if y is not None:
+        y = np.asarray(y)
+        for i in range(len(cases)):
+            labels = set(y[rows == i].tolist())
+            if len(labels) == 1:
+                y_case[i] = labels.pop()
+    return cases, y_case, p_case, n_slides

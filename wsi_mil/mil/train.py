@@ -1,4 +1,4 @@
-"""Stage 3 training: stratified k-fold CV, selection on validation only, fold ensemble.
+"""Stage 3 training: stratified k-fold CV grouped by case, selection on validation only, fold ensemble.
 
 ``train_run`` writes ``OUT/models/<run>/``::
 
@@ -6,10 +6,12 @@
     pipeline.yaml        tiling and extraction settings of the bags (what predict reuses)
     model.json           how to rebuild the model: name, kwargs, in_dim, classes, folds
     fold_<k>.safetensors weights chosen on fold k's validation split
-    splits.csv           slide_id, fold, split (train / val / test)
+    splits.csv           case_id, slide_id, fold, split (train / val / test); a case never spans splits
     history.csv          per fold and epoch: train loss terms, validation loss and error
-    metrics.json         per-fold test metrics and their mean/std, out-of-fold metrics
-    predictions.csv      out-of-fold: slide_id, label, fold, prediction, prob_<class>...
+    metrics.json         per-fold test metrics and their mean/std, out-of-fold metrics, and
+                         the same per case under "case"
+    predictions.csv      out-of-fold: case_id, slide_id, label, fold, prediction, prob_<class>...
+    case_predictions.csv out-of-fold per case (mean of its slides' probabilities)
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import copy
 import json
 import os
 import time
+from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from wsi_mil.cohort.lock import locks_output
 from wsi_mil.errors import ConfigError
 from wsi_mil.io.atomic import atomic_path
 from wsi_mil.io.h5 import read_bag
 from wsi_mil.mil.config import TrainConfig
 from wsi_mil.mil.data import BagDataset, bag_paths, collate_bags, feature_stats, read_labels
 from wsi_mil.mil.loss_attention import AttentionTargets, consistency_weight
-from wsi_mil.mil.metrics import classification_metrics, summarize
+from wsi_mil.mil.metrics import CASE_AGGREGATION, aggregate_cases, classification_metrics, summarize
 from wsi_mil.mil.registry import create_model
 
 
@@ -57,30 +61,86 @@ def model_kwargs(cfg: TrainConfig) -> dict[str, Any]:
     }
 
 
-def make_splits(y: np.ndarray, cfg: TrainConfig, where: str) -> list[dict[str, np.ndarray]]:
-    """Stratified outer folds, each with a stratified validation split of its training part."""
-    from sklearn.model_selection import StratifiedKFold, train_test_split
+def make_splits(
+    y: np.ndarray, cfg: TrainConfig, where: str, groups: Sequence[str] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Outer folds and, inside each training part, a validation split — both grouped by case.
 
-    counts = np.bincount(y)
-    if counts.min() < cfg.cv.folds:
+    ``StratifiedGroupKFold`` keeps all slides of one case (``groups``) in one split of
+    every fold, so each case is tested exactly once; the validation split is the first
+    fold of a ``StratifiedGroupKFold`` of the training part with ``round(1 / val_fraction)``
+    splits (fewer when no class has that many slides, so small cohorts get a larger
+    validation share). Without ``groups`` every slide is its own case.
+
+    Parameters
+    ----------
+    y : ndarray
+        (S,) class index of each slide.
+    cfg : TrainConfig
+        ``cv.folds``, ``cv.val_fraction`` and ``cv.seed`` are used.
+    where : str
+        Named in errors (the labels CSV).
+    groups : sequence of str, optional
+        (S,) case id of each slide.
+
+    Returns
+    -------
+    list of dict
+        Per fold, sorted slide indices under ``"train"``, ``"val"`` and ``"test"``.
+
+    Examples
+    --------
+    >>> from wsi_mil.mil.config import CVConfig
+    >>> y = np.array([0, 0, 1, 1, 0, 1, 0, 1, 0, 1, 0, 1])
+    >>> cases = ["a", "a", "b", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
+    >>> cfg = TrainConfig(cv=CVConfig(folds=2, val_fraction=0.34))
+    >>> folds = make_splits(y, cfg, "labels.csv", cases)
+    >>> sorted(np.concatenate([f["test"] for f in folds]).tolist())  # each slide tested once
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    >>> all(any({0, 1} <= set(f[s]) for s in ("train", "val", "test")) for f in folds)  # case "a" kept together
+    True
+    """
+    import warnings
+
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(y)
+    g = np.asarray(list(groups) if groups is not None else [str(i) for i in range(len(y))])
+    unit = "cases" if groups is not None and len(set(g)) < len(g) else "slides"
+    per_class = [len(set(g[y == c])) for c in range(int(y.max()) + 1)]
+    if min(per_class) < cfg.cv.folds:
         raise ConfigError(
-            f"{where}: the smallest class has {counts.min()} slides, fewer than cv.folds="
-            f"{cfg.cv.folds}; lower cv.folds or add slides"
+            f"{where}: the smallest class has {min(per_class)} {unit}, fewer than cv.folds="
+            f"{cfg.cv.folds}; lower cv.folds or add {unit}"
         )
-    outer = StratifiedKFold(cfg.cv.folds, shuffle=True, random_state=cfg.cv.seed)
+    n_val = max(2, round(1 / cfg.cv.val_fraction))
+    outer = StratifiedGroupKFold(cfg.cv.folds, shuffle=True, random_state=cfg.cv.seed)
     folds = []
-    for k, (train_val, test) in enumerate(outer.split(np.zeros(len(y)), y)):
-        try:
-            train, val = train_test_split(
-                train_val,
-                test_size=cfg.cv.val_fraction,
-                stratify=y[train_val],
-                random_state=cfg.cv.seed + k,
+    for k, (train_val, test) in enumerate(outer.split(np.zeros(len(y)), y, g)):
+        if len(set(g[train_val])) < n_val:
+            raise ConfigError(
+                f"{where}: fold {k} has {len(set(g[train_val]))} {unit} to train on, too few for a "
+                f"validation split of cv.val_fraction={cfg.cv.val_fraction}; add {unit} or lower cv.folds"
             )
+        # Small cohorts: sklearn needs a class with at least n_splits slides, so fewer inner
+        # splits (a larger validation share) rather than refusing to train.
+        n_inner = min(n_val, int(np.bincount(y[train_val]).max()))
+        inner = StratifiedGroupKFold(max(2, n_inner), shuffle=True, random_state=cfg.cv.seed + k)
+        try:
+            with warnings.catch_warnings():  # few cases of a class: the split is as stratified as it can be
+                warnings.simplefilter("ignore", UserWarning)
+                tr, va = next(inner.split(np.zeros(len(train_val)), y[train_val], g[train_val]))
         except ValueError as exc:
             raise ConfigError(
-                f"{where}: cannot make a stratified validation split ({exc})"
+                f"{where}: fold {k}: cannot make a validation split of cv.val_fraction="
+                f"{cfg.cv.val_fraction} ({exc}); add {unit}, lower cv.folds or raise cv.val_fraction"
             ) from exc
+        train, val = train_val[tr], train_val[va]
+        if len(set(y[train].tolist())) < len(per_class):
+            raise ConfigError(
+                f"{where}: fold {k}'s training part lacks a class after the validation split; "
+                f"add {unit} or lower cv.folds"
+            )
         folds.append({"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)})
     return folds
 
@@ -177,6 +237,44 @@ def fit_fold(
     return best_state, history
 
 
+def _case_metrics(case_ids: list[str], y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Classification metrics over cases (mean slide probability); mixed-label cases left out."""
+    _, y_case, p_case, _ = aggregate_cases(case_ids, y, probs)
+    keep = y_case >= 0
+    out: dict[str, Any] = classification_metrics(y_case[keep], p_case[keep]) if keep.any() else {
+        "n": 0, "accuracy": float("nan"), "balanced_accuracy": float("nan"), "auc": float("nan"), "f1": float("nan")
+    }
+    out["n_mixed_label_cases"] = int((~keep).sum())
+    return out
+
+
+def case_table(
+    case_ids: list[str],
+    y: np.ndarray | None,
+    probs: np.ndarray,
+    classes: list[str],
+    fold: np.ndarray | None = None,
+) -> Any:
+    """Per-case predictions: ``case_id, n_slides, [label], [fold], prediction, prob_<class>...``.
+
+    The case's probabilities are the mean of its slides' (:data:`CASE_AGGREGATION`); its
+    label is empty when its slides disagree, its fold the fold that tested it.
+    """
+    import pandas as pd
+
+    cases, y_case, p_case, n = aggregate_cases(case_ids, y, probs)
+    df = pd.DataFrame({"case_id": cases, "n_slides": n})
+    if y is not None:
+        df["label"] = [classes[i] if i >= 0 else "" for i in y_case]
+    if fold is not None:
+        first = {c: int(f) for c, f in zip(reversed(case_ids), reversed(list(fold)), strict=True)}
+        df["fold"] = [first[c] for c in cases]
+    df["prediction"] = [classes[i] for i in p_case.argmax(1)]
+    for c, name in enumerate(classes):
+        df[f"prob_{name}"] = p_case[:, c]
+    return df
+
+
 def resolve_encoder(out_dir: str | os.PathLike[str], encoder: str | None) -> str:
     """The feature folder to train on: ``encoder``, or the only one under ``OUT/features``."""
     root = Path(out_dir) / "features"
@@ -200,6 +298,7 @@ def _run_name(cfg: TrainConfig, encoder: str) -> str:
     return f"{encoder}_{cfg.model.name}_{datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
+@locks_output("wsi-mil train", "out_dir", create=False)
 def train_run(
     out_dir: str | os.PathLike[str],
     labels_csv: str | os.PathLike[str],
@@ -246,7 +345,7 @@ def train_run(
     paths = bag_paths(out_dir / "features" / encoder / "h5_files", labels.slide_ids)
     first = read_bag(paths[0], load_features=False)
     in_dim = int(first.features.shape[1])
-    folds = make_splits(labels.y, cfg, str(labels_csv))
+    folds = make_splits(labels.y, cfg, str(labels_csv), labels.case_ids)
     device = resolve_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -260,6 +359,7 @@ def train_run(
     oof = np.full((len(labels.y), K), np.nan, np.float32)
     oof_fold = np.full(len(labels.y), -1)
     per_fold: list[dict[str, Any]] = []
+    case_folds: list[dict[str, Any]] = []
     histories, states, split_rows = [], [], []
     for k, fold in enumerate(folds):
         seed = cfg.cv.seed * 1000 + k
@@ -305,10 +405,12 @@ def train_run(
                 **classification_metrics(labels.y[fold["test"]], probs),
             }
         )
+        case_folds.append({"fold": k, **_case_metrics([labels.case_ids[i] for i in fold["test"]],
+                                                     labels.y[fold["test"]], probs)})
         histories += [{"fold": k, **h} for h in hist]
         states.append({n: t.detach().cpu().contiguous() for n, t in state.items()})
         split_rows += [
-            {"slide_id": labels.slide_ids[i], "fold": k, "split": s}
+            {"case_id": labels.case_ids[i], "slide_id": labels.slide_ids[i], "fold": k, "split": s}
             for s in ("train", "val", "test")
             for i in fold[s]
         ]
@@ -324,6 +426,15 @@ def train_run(
         "folds": per_fold,
         "summary": summarize(fold_metrics),
         "out_of_fold": classification_metrics(labels.y, oof),
+        "case": {
+            "aggregation": CASE_AGGREGATION,
+            "n_cases": len(set(labels.case_ids)),
+            "folds": case_folds,
+            "summary": summarize(
+                [{m: f[m] for m in ("accuracy", "balanced_accuracy", "auc", "f1")} for f in case_folds]
+            ),
+            "out_of_fold": _case_metrics(labels.case_ids, labels.y, oof),
+        },
         "seconds": round(time.time() - t0, 2),
     }
     model_json = {
@@ -339,6 +450,7 @@ def train_run(
     }
     pred = pd.DataFrame(
         {
+            "case_id": labels.case_ids,
             "slide_id": labels.slide_ids,
             "label": [labels.classes[i] for i in labels.y],
             "fold": oof_fold,
@@ -347,6 +459,7 @@ def train_run(
     )
     for c, name in enumerate(labels.classes):
         pred[f"prob_{name}"] = oof[:, c]
+    case_pred = case_table(labels.case_ids, labels.y, oof, labels.classes, oof_fold)
     resolved = {**cfg.to_dict(), "encoder": encoder, "labels_csv": str(labels_csv)}
     pipeline = collect_settings(out_dir, encoder, first.attrs)
     with atomic_path(run_dir) as tmp:
@@ -359,6 +472,7 @@ def train_run(
         (tmp / PIPELINE_FILE).write_text(yaml.safe_dump(pipeline, sort_keys=False))
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
         pred.to_csv(tmp / "predictions.csv", index=False)
+        case_pred.to_csv(tmp / "case_predictions.csv", index=False)
         pd.DataFrame(split_rows).to_csv(tmp / "splits.csv", index=False)
         pd.DataFrame(histories).to_csv(tmp / "history.csv", index=False)
     return run_dir
