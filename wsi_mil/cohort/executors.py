@@ -3,6 +3,7 @@ an embedded ``LocalCluster`` (one process per core, plus one ``GPU=1`` worker pe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,8 +66,13 @@ class DaskExecutor:
         by_future = {f.key: j for j, f in zip(jobs, futures.values(), strict=True)}
         for fut in as_completed(list(futures.values())):
             job = by_future[fut.key]
-            if fut.status == "finished":
-                yield job.key, fut.result()
+            try:
+                # Waits when the worker holding a finished result died since: Dask recomputes it.
+                outcome = fut.result()
+            except (Exception, asyncio.CancelledError) as exc:
+                error: BaseException = exc
+            else:
+                yield job.key, outcome
                 continue
             # The task raised outside its own guard, or its worker died too often (KilledWorker).
             errored.add(job.key)
@@ -74,7 +80,7 @@ class DaskExecutor:
             if any(k in errored for k in upstream):
                 yield job.key, SlideOutcome(job.slide_id, job.stage, "blocked", reason="an earlier stage crashed")
                 continue
-            reason = failure_reason(fut.exception())
+            reason = failure_reason(error)
             status.record(self._out(job), job.slide_id, job.stage, "failed", reason=reason)
             yield job.key, SlideOutcome(job.slide_id, job.stage, "failed", reason=reason)
 

@@ -3,8 +3,9 @@
 :func:`run_cohort` plans a task graph — per slide ``tile → extract → heatmap``, and one
 ``train`` task that waits for every bag — and runs it on an embedded ``LocalCluster``, an
 existing Dask scheduler, or (``scheduler="sequential"``) in this process. Workers record
-each (slide, stage) in ``OUT/status.csv``; this process holds the output folder's lock,
-prints progress and a summary, and writes the cohort-level CSVs.
+each (slide, stage) in the status store (``OUT/.status``, see :mod:`wsi_mil.cohort.status`);
+this process holds the output folder's lock, prints progress and a summary, writes the
+cohort-level CSVs and ``OUT/status.csv``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wsi_mil.cohort import status
 from wsi_mil.cohort.config import CohortConfig
 from wsi_mil.cohort.executors import Job, open_executor
 from wsi_mil.cohort.runner import SlideOutcome
@@ -112,20 +114,18 @@ class RunSummary:
 
 
 def clean_partials(out: Path) -> int:
-    """Remove temporary ``.*.partial`` files left by killed writers (only while holding the lock)."""
-    n = 0
-    for p in out.rglob(".*.partial"):
-        try:
-            if p.is_dir():
-                import shutil
+    """Remove the ``.*.partial`` files under ``out`` whose writer is dead (a killed worker's).
 
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-            n += 1
-        except OSError:
-            pass
-    return n
+    Partials of live processes — a concurrent ``train`` or ``heatmap`` on this host, a
+    worker on another host — stay; see :func:`~wsi_mil.io.atomic.remove_orphan_partials`.
+    """
+    from wsi_mil.io.atomic import remove_orphan_partials
+
+    return remove_orphan_partials(out)
+
+
+#: Seconds between two exports of status.csv while a run goes on (for people watching it).
+EXPORT_EVERY_S = 120.0
 
 
 def run_cohort(
@@ -178,7 +178,7 @@ def run_cohort(
     if not inputs:
         raise WsiMilError(f"{cfg.source}: no slides found in {', '.join(map(str, cfg.slides))}")
     where = scheduler or cfg.scheduler
-    with output_lock(out, "wsi-mil run"):
+    with output_lock(out, "wsi-mil run", clean=False):
         n_clean = clean_partials(out)
         if n_clean:
             echo(f"removed {n_clean} incomplete file(s) left by an interrupted run")
@@ -187,24 +187,31 @@ def run_cohort(
             dump_config(out / "tile_config.yaml", {"tile": cfg.tile})
         summary = RunSummary(out, n_slides=len(inputs))
         summary.run_dir = _run_dir(cfg)
-        with open_executor(cfg, where, echo) as ex:
-            jobs = _plan(cfg, inputs, retry_failed, ex.gpu_workers, ex.slots_by_host)
-            for name in _stage_names(cfg):
-                summary.stages[name] = StageReport(name)
-            by_key = {j.key: j for j in jobs}
-            with _bars(summary.stages, jobs, progress) as tick:
-                for key, outcome in ex.run(jobs):
-                    job = by_key[key]
-                    summary.stages[job.stage].add(outcome, time.perf_counter())
-                    summary.outcomes.append(outcome)
-                    if outcome.state == "failed":
-                        echo(f"{outcome.slide_id}: {job.stage} failed: {outcome.reason}")
-                    elif outcome.note:
-                        echo(f"{outcome.slide_id}: {outcome.note}")
-                    tick(job.stage)
-        if any(s in cfg.stages for s in ("heatmap", "predict")) and summary.run_dir is not None:
-            _write_tables(cfg, summary, echo)
-        clean_partials(out)
+        try:
+            with open_executor(cfg, where, echo) as ex:
+                jobs = _plan(cfg, inputs, retry_failed, ex.gpu_workers, ex.slots_by_host)
+                for name in _stage_names(cfg):
+                    summary.stages[name] = StageReport(name)
+                by_key = {j.key: j for j in jobs}
+                exported = time.monotonic()
+                with _bars(summary.stages, jobs, progress) as tick:
+                    for key, outcome in ex.run(jobs):
+                        job = by_key[key]
+                        summary.stages[job.stage].add(outcome, time.perf_counter())
+                        summary.outcomes.append(outcome)
+                        if outcome.state == "failed":
+                            echo(f"{outcome.slide_id}: {job.stage} failed: {outcome.reason}")
+                        elif outcome.note:
+                            echo(f"{outcome.slide_id}: {outcome.note}")
+                        tick(job.stage)
+                        if time.monotonic() - exported > EXPORT_EVERY_S:
+                            status.export_status(out)
+                            exported = time.monotonic()
+            if any(s in cfg.stages for s in ("heatmap", "predict")) and summary.run_dir is not None:
+                _write_tables(cfg, summary, echo)
+            clean_partials(out)
+        finally:  # workers recorded into the store: the readable table, even after an error
+            status.export_status(out)
     summary.seconds = time.perf_counter() - t0
     for line in summary.lines():
         echo(line)

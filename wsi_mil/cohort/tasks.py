@@ -3,9 +3,9 @@
 Tasks take only paths, strings and plain dict configs, and open slides, encoders and
 models themselves (encoders and models are cached per worker process). Each returns a
 :class:`~wsi_mil.cohort.runner.SlideOutcome` and never raises: failures are outcomes,
-recorded in ``OUT/status.csv`` by the worker through :func:`~wsi_mil.cohort.runner.run_step`.
+recorded in the status store by the worker through :func:`~wsi_mil.cohort.runner.run_step`.
 
-Resuming: a (slide, stage) is skipped when status.csv says ``done``/``empty`` *and* its
+Resuming: a (slide, stage) is skipped when its status row says ``done``/``empty`` *and* its
 outputs are complete; a ``failed`` one is not retried unless ``retry_failed``. An output
 without a status row (the worker died between writing it and recording it) is redone.
 """
@@ -23,14 +23,14 @@ from wsi_mil.cohort.runner import SlideOutcome, run_step
 
 #: Upstream states after which a slide's next stage can run.
 READY = ("done", "skipped")
-TRAIN_ROW = "*"  # slide_id of cohort-level rows in status.csv
+TRAIN_ROW = "*"  # slide_id of cohort-level rows in the status store
 
 
 def current_row(out: str | Path, sid: str, stage: str) -> dict[str, str] | None:
-    """The status.csv row of (``sid``, ``stage``) as it is now."""
+    """The status row of (``sid``, ``stage``) as it is now (one small file read, whatever the cohort)."""
     from wsi_mil.cohort import status
 
-    return next((r for r in status.read_status(out) if r["slide_id"] == sid and r["stage"] == stage), None)
+    return status.get(out, sid, stage)
 
 
 def gate(
@@ -201,24 +201,25 @@ def train_task(
     def work() -> SlideOutcome:
         import torch
 
+        from wsi_mil.cohort.lock import delegated
         from wsi_mil.features.extract import bag_path, encoder_dirname
-        from wsi_mil.io.atomic import write_text_atomic
-        from wsi_mil.mil.data import read_labels
+        from wsi_mil.mil.data import read_labels, write_labels
         from wsi_mil.mil.train import train_run
 
         table = read_labels(labels)
         upstream = {b.slide_id: b for b in bags if b is not None}
         usable, left_out = [], []
-        for sid, y in zip(table.slide_ids, table.y, strict=True):
+        for i, sid in enumerate(table.slide_ids):
             b = upstream.get(sid)
             ok = sid in cohort_ids and (b is None or b.state in READY) and _n_rows(bag_path(outp, encoder, sid)) > 0
-            (usable if ok else left_out).append((sid, table.classes[int(y)]))
+            (usable if ok else left_out).append(i)
         if not usable:
             raise ValueError(f"{labels}: no labelled slide of the cohort has a feature bag")
         csv = outp / "train_labels.csv"
-        write_text_atomic(csv, "slide_id,label\n" + "".join(f"{s},{c}\n" for s, c in usable))
+        write_labels(csv, table, usable)  # case_id kept: folds stay grouped by patient
         torch.set_num_threads(threads if threads > 0 else max(1, len(os.sched_getaffinity(0))))
-        path = train_run(outp, csv, encoder_dirname(encoder), cfg, progress=False)
+        with delegated(outp):  # train_run takes OUT's lock, which the run that sent this task holds
+            path = train_run(outp, csv, encoder_dirname(encoder), cfg, progress=False)
         note = f"{len(left_out)} labelled slide(s) without a usable bag left out of training" if left_out else ""
         return SlideOutcome(
             TRAIN_ROW, "train", "done", n_patches=len(usable), detail=str(path), note=note, result=str(path)
