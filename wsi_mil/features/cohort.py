@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsi_mil.cohort.lock import output_lock
+from wsi_mil.cohort.lock import locks_output
 from wsi_mil.cohort.runner import SlideOutcome, run_slides
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
@@ -45,6 +45,7 @@ def _quiet(_: str) -> None:
     pass
 
 
+@locks_output("wsi-mil extract", create=False)
 def extract_cohort(
     out: str | Path,
     encoder: str | None = None,
@@ -112,16 +113,15 @@ def extract_cohort(
         f"extract: {len(ids)} slide(s) with {cfg.encoder} ({enc.weights_id}, {enc.dim}-d) on "
         f"{runner.device.type} {runner.precision}"
     )
-    with output_lock(out, "wsi-mil extract"):
-        run_slides(
-            out,
-            STAGE,
-            ids,
-            lambda sid: extract_one(out, sid, runner, cfg, overwrite=overwrite, progress=progress),
-            summary,
-            echo=echo,
-            progress=False,  # one bar per slide's patches instead
-        )
+    run_slides(  # under OUT's lock (locks_output), as is the config written above
+        out,
+        STAGE,
+        ids,
+        lambda sid: extract_one(out, sid, runner, cfg, overwrite=overwrite, progress=progress),
+        summary,
+        echo=echo,
+        progress=False,  # one bar per slide's patches instead
+    )
     n = sum(r.n_patches for r in summary.results.values())
     echo(
         f"extract: {len(summary.done)} done ({n} patches), {len(summary.empty)} empty, "

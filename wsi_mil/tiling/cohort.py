@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil.cohort.inputs import SlideInput, collect_slides
-from wsi_mil.cohort.lock import output_lock
+from wsi_mil.cohort.lock import locks_output
 from wsi_mil.cohort.runner import SlideOutcome, StageSummary, run_slides
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
@@ -67,6 +67,7 @@ def tile_one(
     )
 
 
+@locks_output("wsi-mil tile")
 def tile_cohort(
     slides: list[str | Path],
     out: str | Path,
@@ -107,17 +108,16 @@ def tile_cohort(
     dump_config(out / "tile_config.yaml", {"tile": cfg})
     summary = CohortSummary()
     by_id = {item.slide_id: item for item in inputs}
-    with output_lock(out, "wsi-mil tile"):
-        run_slides(
-            out,
-            STAGE,
-            list(by_id),
-            lambda sid: tile_one(by_id[sid], out, cfg, mpp=mpp, overwrite=overwrite),
-            summary,
-            echo=echo,
-            progress=progress,
-            label="tiling",
-        )
+    run_slides(  # under OUT's lock (locks_output), as is the config written above
+        out,
+        STAGE,
+        list(by_id),
+        lambda sid: tile_one(by_id[sid], out, cfg, mpp=mpp, overwrite=overwrite),
+        summary,
+        echo=echo,
+        progress=progress,
+        label="tiling",
+    )
     n_patches = sum(r.n_patches for r in summary.results.values())
     echo(f"tile: {len(summary.done)} done ({n_patches} patches), {len(summary.empty)} without tissue, "
          f"{len(summary.skipped)} already done, {len(summary.failed)} failed → {out}")
