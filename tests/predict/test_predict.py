@@ -200,3 +200,19 @@ def test_overlapping_heatmap_recipe(trained: Trained, tmp_path: Path) -> None:
     steps = np.diff(np.unique(data.coords[:, 0]))
     assert steps.min() == size // 2  # neighbours overlap by half a patch
     assert not pd.read_csv(tmp_path / "heatmaps" / RUN / "index.csv")["trained_on"].any()
+
+
+def test_predict_aggregates_per_case_from_a_slide_csv(trained: Trained, tmp_path: Path) -> None:
+    """A slide CSV with case_id: each slide row carries its case; the case table means its slides."""
+    csv = tmp_path / "new.csv"
+    held = trained.held[:3]
+    pd.DataFrame({"case_id": ["P1", "P1", "P2"], "path": [str(p) for p in held]}).to_csv(csv, index=False)
+    summary = predict_cohort([csv], trained.run_dir, tmp_path / "dx", progress=False)
+    slides = pd.read_csv(tmp_path / "dx" / "predictions.csv").set_index("slide_id")
+    assert slides.loc[[p.stem for p in held], "case_id"].tolist() == ["P1", "P1", "P2"]
+    assert summary.case_csv == tmp_path / "dx" / "case_predictions.csv"
+    cases = pd.read_csv(summary.case_csv).set_index("case_id")
+    assert cases.loc["P1", "n_slides"] == 2 and cases.loc["P2", "n_slides"] == 1
+    mean = slides.loc[[held[0].stem, held[1].stem], "prob_tumour"].mean()
+    assert cases.loc["P1", "prob_tumour"] == pytest.approx(mean, rel=1e-6)
+    assert cases.loc["P2", "prediction"] == slides.loc[held[2].stem, "prediction"]

@@ -14,11 +14,12 @@ PATH_COLUMNS = ("path", "slide_path", "filepath", "file")
 
 @dataclass(frozen=True)
 class SlideInput:
-    """One slide to process: its path, id and an optional mpp override from a CSV."""
+    """One slide to process: its path, id, an optional mpp override and case (patient) from a CSV."""
 
     path: Path
     slide_id: str
     mpp: float | None = None
+    case_id: str | None = None
 
 
 def _from_csv(path: Path) -> list[SlideInput]:
@@ -42,7 +43,7 @@ def _from_csv(path: Path) -> list[SlideInput]:
                     raise WsiMilError(f"{path}:{lineno}: mpp {row['mpp']!r} is not a number") from exc
                 if mpp <= 0:
                     raise WsiMilError(f"{path}:{lineno}: mpp must be positive, got {mpp}")
-            out.append(SlideInput(p, row.get("slide_id") or slide_id_from_path(p), mpp))
+            out.append(SlideInput(p, row.get("slide_id") or slide_id_from_path(p), mpp, row.get("case_id") or None))
         return out
 
 

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil.cohort import status
+from wsi_mil.cohort.lock import locks_output
 from wsi_mil.errors import WsiMilError
 from wsi_mil.predict.settings import RUNTIME_FIELDS, load_settings
 from wsi_mil.predict.slide import PREDICTIONS_FILE, predict_slide, resolve_heatmap_options, write_predictions_csv
 
 STAGE = "predict"
 INDEX_FILE = "index.csv"
+CASE_PREDICTIONS_FILE = "case_predictions.csv"
 
 
 @dataclass
@@ -29,11 +31,14 @@ class PredictSummary:
         Slide id → reason, for every stage (tile, extract, predict).
     csv : Path or None
         The predictions (``predict``) or index (``heatmap``) CSV.
+    case_csv : Path or None
+        ``case_predictions.csv`` when the slide CSV had a ``case_id`` column (``predict``).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     csv: Path | None = None
+    case_csv: Path | None = None
 
 
 def _quiet(_: str) -> None:
@@ -101,6 +106,31 @@ def _check_score(options: Any, run_dir: Path) -> None:
         raise type(exc)(f"{run_dir}: {exc}") from exc
 
 
+def _write_case_predictions(
+    rows: list[dict[str, Any]], cases: Mapping[str, str], run_dir: Path, path: Path
+) -> Path:
+    """Add ``case_id`` to each slide row and write the per-case diagnosis (mean of its slides).
+
+    Failed slides get their case id but do not count towards their case; a case none of
+    whose slides was diagnosed is absent from the case table.
+    """
+    import numpy as np
+
+    from wsi_mil.io.atomic import atomic_path
+    from wsi_mil.mil.train import case_table
+    from wsi_mil.predict.slide import cached_model
+
+    classes = list(cached_model(str(run_dir.resolve())).classes)
+    for r in rows:
+        r["case_id"] = cases.get(r["slide_id"], r["slide_id"])
+    ok = [r for r in rows if r.get("status") == "ok"]
+    probs = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in ok]).reshape(len(ok), len(classes))
+    df = case_table([r["case_id"] for r in ok], None, probs, classes)
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return path
+
+
 def merge_index(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
     """The rows of an existing index whose slides are not in ``rows``, then ``rows``."""
     import csv
@@ -127,6 +157,7 @@ def mark_trained_on(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
     return [r["slide_id"] for r in rows if r["trained_on"]]
 
 
+@locks_output("wsi-mil predict")
 def predict_cohort(
     slides: list[str | Path],
     run_dir: str | Path,
@@ -214,6 +245,9 @@ def predict_cohort(
             f"warning: {len(seen)} slide(s) were in the training cohort of {settings.run} "
             f"({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''}): their probabilities are in-sample"
         )
+    cases = {i.slide_id: i.case_id for i in inputs if i.case_id}
+    if cases:
+        summary.case_csv = _write_case_predictions(summary.rows, cases, run_dir, out / CASE_PREDICTIONS_FILE)
     summary.csv = write_predictions_csv(summary.rows, out / PREDICTIONS_FILE)
     ok = len(summary.rows) - len(summary.failed)
     echo(
@@ -223,6 +257,7 @@ def predict_cohort(
     return summary
 
 
+@locks_output("wsi-mil heatmap", create=False)
 def heatmap_cohort(
     out: str | Path,
     run_dir: str | Path,
