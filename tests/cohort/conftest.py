@@ -37,6 +37,19 @@ def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def reference(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiles and bags of the cohort made by the plain sequential commands (tile, extract)."""
+    from wsi_mil.features.cohort import extract_cohort
+    from wsi_mil.tiling.cohort import tile_cohort
+
+    out = tmp_path_factory.mktemp("reference") / "out"
+    assert not tile_cohort([cohort_dir / "slides"], out, progress=False).failed
+    summary = extract_cohort(out, "texture", overrides={"batch_size": 8, "workers": 0}, progress=False)
+    assert len(summary.done) == N_SLIDES
+    return out
+
+
 def write_config(root: Path, out: Path, stages: str = "tile, extract, train, heatmap", **extra: str) -> Path:
     """A cohort YAML in ``root`` (slides and labels of ``cohort_dir``, tiny training)."""
     lines = [
@@ -65,6 +78,46 @@ class Cluster:
     @property
     def address(self) -> str:
         return json.loads(self.scheduler_file.read_text())["address"]
+
+    def add_worker(self, name: str, *, gpu: bool = False, wait: bool = True) -> subprocess.Popen:
+        """Start one more ``dask worker --nthreads 1 --no-nanny`` process named ``name``."""
+        folder = self.scheduler_file.parent
+        env = {**os.environ, "DASK_DISTRIBUTED__LOGGING__DISTRIBUTED": "error"}
+        log = open(folder / "dask.log", "ab")  # noqa: SIM115 - kept open for the process's lifetime
+        proc = subprocess.Popen(
+            [
+                str(BIN / "dask"),
+                "worker",
+                "--scheduler-file",
+                str(self.scheduler_file),
+                "--nthreads",
+                "1",
+                "--no-nanny",
+                "--no-dashboard",
+                "--host",
+                "127.0.0.1",
+                "--name",
+                name,
+                "--memory-limit",
+                "0",
+                *(["--resources", "GPU=1"] if gpu else []),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=folder,
+        )
+        self.workers.append(proc)
+        if wait:
+            from distributed import Client
+
+            with Client(self.address, timeout="30s") as client:
+                deadline = time.monotonic() + 90
+                while name not in {str(w.get("name")) for w in client.scheduler_info()["workers"].values()}:
+                    if time.monotonic() > deadline or proc.poll() is not None:
+                        raise RuntimeError(f"dask worker {name} did not start; see {folder / 'dask.log'}")
+                    time.sleep(0.2)
+        return proc
 
     def stop(self) -> None:
         for p in [*self.workers, self.scheduler]:
@@ -109,28 +162,7 @@ def start_cluster(folder: Path, n_workers: int = 2, gpu: tuple[int, ...] = ()) -
             raise RuntimeError(f"dask scheduler did not start; see {folder / 'dask.log'}")
         time.sleep(0.2)
     for i in range(n_workers):
-        cluster.workers.append(
-            subprocess.Popen(
-                [
-                    str(BIN / "dask"),
-                    "worker",
-                    "--scheduler-file",
-                    str(sfile),
-                    "--nthreads",
-                    "1",
-                    "--no-nanny",
-                    "--no-dashboard",
-                    "--host",
-                    "127.0.0.1",
-                    "--name",
-                    f"w{i}",
-                    "--memory-limit",
-                    "0",
-                    *(["--resources", "GPU=1"] if i in gpu else []),
-                ],
-                **common,
-            )
-        )
+        cluster.add_worker(f"w{i}", gpu=i in gpu, wait=False)
     from distributed import Client
 
     with Client(cluster.address, timeout="30s") as client:

@@ -11,26 +11,12 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.cohort.conftest import BIN, N_SLIDES, Cluster, start_cluster, write_config
 from wsi_mil.cohort import load_cohort_config, run_cohort
 from wsi_mil.cohort.status import read_status
 from wsi_mil.features.extract import bag_path, is_extracted
 from wsi_mil.io import h5
-
-
-@pytest.fixture(scope="session")
-def reference(cohort_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiles and bags of the cohort made by the plain sequential commands (tile, extract)."""
-    from wsi_mil.features.cohort import extract_cohort
-    from wsi_mil.tiling.cohort import tile_cohort
-
-    out = tmp_path_factory.mktemp("reference") / "out"
-    assert not tile_cohort([cohort_dir / "slides"], out, progress=False).failed
-    summary = extract_cohort(out, "texture", overrides={"batch_size": 8, "workers": 0}, progress=False)
-    assert len(summary.done) == N_SLIDES
-    return out
 
 
 def states(out: Path, stages: tuple[str, ...] = ("tile", "extract")) -> dict[tuple[str, str], tuple[str, str]]:
