@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import hashlib
 import io
 import itertools
@@ -50,6 +51,16 @@ def _worker_name() -> str:
         return str(distributed.get_worker().name)
     except ValueError:
         return ""
+
+
+def _resolved(out: str | os.PathLike[str]) -> Path:
+    """``out`` resolved; absolute paths once per process (resolving walks every component)."""
+    return _resolved_abs(os.fspath(out)) if os.path.isabs(out) else Path(out).resolve()
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved_abs(out: str) -> Path:
+    return Path(out).resolve()
 
 
 def _file_name(key: str) -> str:
@@ -158,7 +169,7 @@ def record(
         os.close(fd)
     os.replace(tmp, path)
     with _guard:
-        _dirty.add(Path(out).resolve())
+        _dirty.add(_resolved(out))
 
 
 def get(out: str | os.PathLike[str], slide_id: str, stage: str) -> dict[str, str] | None:
@@ -240,7 +251,7 @@ def export_status(out: str | os.PathLike[str]) -> Path | None:
     if not store.is_dir():
         return None
     with _guard:
-        _dirty.discard(Path(out).resolve())
+        _dirty.discard(_resolved(out))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
@@ -252,4 +263,4 @@ def export_status(out: str | os.PathLike[str]) -> Path | None:
 
 def recorded_here(out: str | os.PathLike[str]) -> bool:
     """True when this process recorded into ``out`` since its last export."""
-    return Path(out).resolve() in _dirty
+    return _resolved(out) in _dirty
