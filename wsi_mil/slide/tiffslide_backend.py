@@ -51,7 +51,8 @@ class TiffSlideSlide(Slide):
     def zarr_level(self, level: int) -> Any:
         """The zarr array (h, w, 3) of one pyramid level (cheap random access)."""
         group = self._ts.zarr_group
-        return group[str(level)] if self.level_count > 1 else group
+        # A group of levels "0", "1", ...; older tiffslide gave a bare array for one level.
+        return group[str(level)] if hasattr(group, "keys") else group
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         x0, y0 = int(location[0]), int(location[1])

@@ -40,9 +40,19 @@ class SyntheticSpec:
     pen : tuple of str
         Pen-mark colours to draw (``"green"``, ``"blue"``, ``"black"``).
     truth_downsample : int
-        Level-0 pixels per ground-truth mask pixel.
+        Level-0 pixels per ground-truth mask pixel (use 64 or more for slides of
+        gigapixels: the truth grid and the fields drawn on it are held in memory).
     seed : int
         Random seed; the same spec writes the same slide.
+    levels : tuple of int, optional
+        Downsample of each pyramid level, ``(1,)`` for a flat single-level slide;
+        default 1, 4, 16, ... until a level fits in about 1,500 px.
+    tissue_scale : float
+        Size of each tissue piece as a fraction of the slide's short side (0.4 fills
+        much of the slide; 0.05 gives small islands on glass).
+    plain_background : bool
+        Write tiles away from tissue and ink as plain glass without rendering them, so
+        mostly-empty slides of 10⁹–10¹⁰ pixels are written in minutes.
     """
 
     width: int = 8192
@@ -56,6 +66,9 @@ class SyntheticSpec:
     tile: int = 512
     jpeg_quality: int = 85
     seed: int = 0
+    levels: tuple[int, ...] | None = None
+    tissue_scale: float = 0.4
+    plain_background: bool = False
 
 
 @dataclass
@@ -106,7 +119,7 @@ def _truth(spec: SyntheticSpec) -> tuple[SyntheticTruth, np.ndarray, np.ndarray,
     rng = np.random.default_rng(spec.seed)
     d = spec.truth_downsample
     shape = (math.ceil(spec.height / d), math.ceil(spec.width / d))
-    tissue_f = _smooth_field(rng, shape, spec.n_tissue, 0.4) - 0.5
+    tissue_f = _smooth_field(rng, shape, spec.n_tissue, spec.tissue_scale) - 0.5
     tumour_f = np.full(shape, -1.0, np.float32)
     if spec.tumour:
         inside = np.argwhere(tissue_f > 0.15)
@@ -181,7 +194,9 @@ def _render_tile(
 
 
 def _levels(spec: SyntheticSpec) -> list[int]:
-    """Downsamples 1, 4, 16, ... until the level fits in ~1,500 px."""
+    """The spec's downsamples, else 1, 4, 16, ... until the level fits in ~1,500 px."""
+    if spec.levels is not None:
+        return [int(d) for d in spec.levels]
     out = [1]
     while max(spec.width, spec.height) / out[-1] > 1500:
         out.append(out[-1] * 4)
@@ -214,6 +229,10 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSpec | None = None) -
     truth, tissue_f, tumour_f, pen = _truth(spec)
     fields = (tissue_f, tumour_f, pen)
     t = spec.tile
+    d = spec.truth_downsample
+    # Truth cells where a tile can show anything but glass (soft edge and ink included).
+    active = (tissue_f > -0.05) | (pen > 0)
+    glass = np.full((t, t, 3), np.round(BACKGROUND), np.uint8)
     with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=True) as tif:
         for li, ds in enumerate(_levels(spec)):
             lw, lh = math.ceil(spec.width / ds), math.ceil(spec.height / ds)
@@ -221,9 +240,15 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSpec | None = None) -
             def tiles(ds: int = ds, lw: int = lw, lh: int = lh) -> Iterator[np.ndarray]:
                 for ty in range(0, lh, t):
                     for tx in range(0, lw, t):
+                        w, h = min(t, lw - tx), min(t, lh - ty)
+                        if spec.plain_background:
+                            gx0, gy0 = max(int(tx * ds / d) - 1, 0), max(int(ty * ds / d) - 1, 0)
+                            gx1, gy1 = math.ceil((tx + w) * ds / d) + 1, math.ceil((ty + h) * ds / d) + 1
+                            if not active[gy0:gy1, gx0:gx1].any():
+                                yield glass
+                                continue
                         rng = np.random.default_rng((spec.seed, ds, tx, ty))
                         out = np.full((t, t, 3), 255, np.uint8)
-                        w, h = min(t, lw - tx), min(t, lh - ty)
                         out[:h, :w] = _render_tile(spec, fields, ds, tx, ty, w, h, rng)
                         yield out
 
