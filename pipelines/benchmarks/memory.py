@@ -3,8 +3,8 @@
     .venv/bin/python pipelines/benchmarks/memory.py [--shapes flat-40k,pyramid-100k --scale 1]
 
 Each command (``tile``, ``extract``, ``heatmap``, ``predict`` and ``view`` serving a
-zoomed-out view) runs as its own ``wsi-mil`` process; its peak RSS is ``ru_maxrss`` from
-``os.wait4``, i.e. the largest of that process and the workers it waited for. The slides
+zoomed-out view) runs as its own ``wsi-mil`` process under GNU time; its peak RSS is the
+largest of that process and the workers it waited for (``%M``). The slides
 are synthetic (mostly glass, a few tissue islands, tiled JPEG), written tile by tile, and
 kept in ``--workdir`` between runs. The model comes from a small cohort of small slides
 trained once (texture encoder, 2 folds), so it says nothing about accuracy. Prints a table
@@ -41,14 +41,34 @@ LIMIT_MB = 2048
 WSI_MIL = [sys.executable, "-m", "wsi_mil.cli"]
 
 
+def _timed(cmd: list[str], peak_file: Path) -> list[str]:
+    """``cmd`` under GNU time writing its peak RSS (KB) to ``peak_file``, where time exists.
+
+    A child's own ``ru_maxrss`` would include this process's memory at fork (Linux keeps
+    it across ``exec``); GNU time is a small parent, so its figure is the command's.
+    """
+    gnu_time = shutil.which("time", path="/usr/bin:/bin")
+    return [gnu_time, "-f", "%M", "-o", str(peak_file), *cmd] if gnu_time else cmd
+
+
+def _peak(peak_file: Path, usage: Any) -> float:
+    """Peak RSS in MB: GNU time's report, else ``ru_maxrss`` from ``wait4``."""
+    try:
+        return int(peak_file.read_text().split()[-1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return usage.ru_maxrss / 1024
+
+
 def measure(cmd: list[str], log: Path) -> dict[str, Any]:
     """Run ``cmd`` to completion; its wall time, exit code and peak RSS in MB."""
+    peak_file = log.with_suffix(".peak")
+    peak_file.unlink(missing_ok=True)
     t = time.perf_counter()
     with open(log, "ab") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(_timed(cmd, peak_file), stdout=fh, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t, "peak_mb": usage.ru_maxrss / 1024}
+    return {"rc": proc.returncode, "wall_s": time.perf_counter() - t, "peak_mb": _peak(peak_file, usage)}
 
 
 def measure_view(out: Path, slide_id: str, port: int, log: Path) -> dict[str, Any]:
@@ -58,9 +78,11 @@ def measure_view(out: Path, slide_id: str, port: int, log: Path) -> dict[str, An
     Deep Zoom level's middle tile, slide and overlay.
     """
     cmd = [*WSI_MIL, "view", str(out), "--port", str(port)]
+    peak_file = log.with_suffix(".peak")
+    peak_file.unlink(missing_ok=True)
     t = time.perf_counter()
     fh = open(log, "ab")  # noqa: SIM115 - closed after the process ends
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(_timed(cmd, peak_file), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     ok, n = True, 0
     try:
@@ -98,13 +120,14 @@ def measure_view(out: Path, slide_id: str, port: int, log: Path) -> dict[str, An
         ok = False
         print(f"  view: {exc}", flush=True)
     finally:
-        proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGINT)  # the server, not only GNU time
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         finally:
             fh.close()
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": 0 if ok else 1, "wall_s": time.perf_counter() - t, "peak_mb": usage.ru_maxrss / 1024, "tiles": n}
+    peak = _peak(peak_file, usage)
+    return {"rc": 0 if ok else 1, "wall_s": time.perf_counter() - t, "peak_mb": peak, "tiles": n}
 
 
 def write_slide(path: Path, shape: tuple[int, int, tuple[int, ...], float], seed: int) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +64,8 @@ class Slide(abc.ABC):
     """
 
     backend_name: str = "abstract"
+    #: Bands a banded read fetches ahead in threads (0 where a handle is not thread-safe).
+    read_ahead: int = 0
 
     def __init__(self, path: str | Path, mpp: float | None = None, mpp_source: str = "cli") -> None:
         self.path = Path(path)
@@ -202,21 +205,46 @@ class Slide(abc.ABC):
         th = self.tile_height(level)
         if th and 0 < th <= 4096:  # whole rows of tiles: each tile is decoded once
             rows = max(th, rows // th * th)
+        starts = list(range(0, sh, rows))
+        bands = self._bands(level, x, y, sw, [(s0, min(sh, s0 + rows)) for s0 in starts])
         if (ow, oh) == (sw, sh):
             out = np.empty((oh, ow, 3), np.uint8)
-            for s0 in range(0, sh, rows):
-                n = min(rows, sh - s0)
-                out[s0 : s0 + n] = self.read_level_pixels(level, (x, y + s0), (sw, n))
+            for s0, band in zip(starts, bands, strict=True):
+                out[s0 : s0 + len(band)] = band
             return out
         acc = np.zeros((oh, ow * 3), np.float32)
         fy = sh / oh
-        for s0 in range(0, sh, rows):
-            s1 = min(sh, s0 + rows)
-            band = self.read_level_pixels(level, (x, y + s0), (sw, s1 - s0))
+        for s0, band in zip(starts, bands, strict=True):
+            s1 = s0 + len(band)
             flat = _shrink_rows(band, ow).reshape(s1 - s0, ow * 3)  # (n, ow*3) float32
             o0, o1 = int(s0 // fy), min(oh, math.ceil(s1 / fy))
             acc[o0:o1] += _area_weights(o0, o1, s0, s1, fy).astype(np.float32) @ flat  # (o1-o0, n) @ (n, ow*3)
         return np.clip(np.rint(acc), 0, 255).astype(np.uint8).reshape(oh, ow, 3)
+
+    def _bands(
+        self, level: int, x: int, y: int, w: int, spans: list[tuple[int, int]]
+    ) -> Iterator[np.ndarray]:
+        """The bands ``[(row0, row1)]`` in order, :attr:`read_ahead` of them read in threads
+        while the current one is averaged (so at most ``read_ahead + 1`` bands in memory)."""
+
+        def read(span: tuple[int, int]) -> np.ndarray:
+            return self.read_level_pixels(level, (x, y + span[0]), (w, span[1] - span[0]))
+
+        ahead = self.read_ahead
+        if ahead < 1 or len(spans) == 1:
+            yield from map(read, spans)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(ahead) as pool:
+            pending = deque(pool.submit(read, sp) for sp in spans[:ahead])
+            for sp in spans[ahead:]:
+                band = pending.popleft().result()
+                pending.append(pool.submit(read, sp))
+                yield band
+            while pending:
+                yield pending.popleft().result()
 
     def read_resized(
         self, location: tuple[int, int], size_level0: tuple[int, int], size: tuple[int, int]

@@ -26,6 +26,7 @@ class OpenSlideSlide(Slide):
     """
 
     backend_name = "openslide"
+    read_ahead = 1  # OpenSlide handles are thread-safe and decode outside the GIL
 
     def __init__(self, path: str | Path, mpp: float | None = None, mpp_source: str = "cli") -> None:
         super().__init__(path, mpp, mpp_source)
