@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil.cohort.runner import SlideOutcome, run_step
+from wsi_mil.errors import WsiMilError
 
 #: Upstream states after which a slide's next stage can run.
 READY = ("done", "skipped")
@@ -95,21 +96,32 @@ def tile_task(
     tile_cfg: Mapping[str, Any],
     mpp: float | None,
     retry_failed: bool,
+    overwrite: bool = False,
 ) -> SlideOutcome:
-    """Tile one slide (``slide``: ``path``, ``slide_id``, ``mpp``)."""
+    """Tile one slide (``slide``: ``path``, ``slide_id``, ``mpp``); ``overwrite`` redoes one made differently."""
     from wsi_mil.cohort.inputs import SlideInput
     from wsi_mil.config import from_mapping
     from wsi_mil.tiling.cohort import STAGE, tile_one
-    from wsi_mil.tiling.run import TileConfig, is_tiled
+    from wsi_mil.tiling.run import TileConfig, is_tiled, tile_inputs
 
     sid, outp = str(slide["slide_id"]), Path(out)
-    early = gate(outp, sid, STAGE, retry_failed, lambda: is_tiled(outp, sid))
+    cfg = from_mapping(TileConfig, tile_cfg, "tile")
+    item = SlideInput(Path(slide["path"]), sid, slide.get("mpp"))
+    given = item.mpp if item.mpp is not None else mpp
+
+    def complete() -> bool:  # finished, and made from this slide file with these settings
+        try:
+            return is_tiled(outp, sid) and is_tiled(outp, sid, tile_inputs(cfg, item.path, given))
+        except WsiMilError:  # slide unreadable: the work reports it as this slide's failure
+            return False
+
+    early = gate(outp, sid, STAGE, retry_failed, complete)
     if early is not None:
         return early
-    item = SlideInput(Path(slide["path"]), sid, slide.get("mpp"))
 
     def work() -> SlideOutcome:
-        return tile_one(item, outp, from_mapping(TileConfig, tile_cfg, "tile"), mpp=mpp, overwrite=True)
+        # Not overwrite: an output made differently is refused, naming what changed.
+        return tile_one(item, outp, cfg, mpp=mpp, overwrite=overwrite)
 
     return run_step(outp, sid, STAGE, work)
 
@@ -135,13 +147,14 @@ def extract_task(
     retry_failed: bool,
     threads: int = 0,
     slots_by_host: Mapping[str, int] | None = None,
+    overwrite: bool = False,
 ) -> SlideOutcome:
-    """Extract one slide's bag once its tiling is done."""
+    """Extract one slide's bag once its tiling is done; ``overwrite`` redoes one made differently."""
     import multiprocessing
 
     from wsi_mil.config import dump_config, from_mapping
     from wsi_mil.features.cohort import STAGE, extract_one
-    from wsi_mil.features.extract import ExtractConfig, bag_path, encoder_dirname, is_extracted
+    from wsi_mil.features.extract import ExtractConfig, bag_inputs, bag_path, encoder_dirname, is_extracted
 
     stop = blocked(sid, STAGE, upstream)
     if stop is not None:
@@ -149,11 +162,15 @@ def extract_task(
     outp = Path(out)
     cfg = from_mapping(ExtractConfig, extract_cfg, "extract")
 
-    def complete() -> bool:
+    def complete() -> bool:  # finished, and made from this patch file with this encoder and precision
         from wsi_mil.io import h5
 
-        n = len(h5.read_patches(outp / "patches" / f"{sid}.h5").coords)
-        return is_extracted(bag_path(outp, cfg.encoder, sid), cached_runner(cfg).encoder.weights_id, n)
+        patches = h5.read_patches(outp / "patches" / f"{sid}.h5")
+        runner = cached_runner(cfg)
+        return is_extracted(
+            bag_path(outp, cfg.encoder, sid), runner.encoder.weights_id, len(patches.coords),
+            bag_inputs(patches.attrs, runner),
+        )
 
     early = gate(outp, sid, STAGE, retry_failed, complete)
     if early is not None:
@@ -168,7 +185,7 @@ def extract_task(
         desc = outp / "features" / encoder_dirname(cfg.encoder) / "extract_config.yaml"
         if not desc.exists():
             dump_config(desc, {"extract": cfg, "encoder": {**runner.encoder.attrs(), **runner.describe()}})
-        return extract_one(outp, sid, runner, run_cfg, overwrite=True)
+        return extract_one(outp, sid, runner, run_cfg, overwrite=overwrite)
 
     return run_step(outp, sid, STAGE, work)
 

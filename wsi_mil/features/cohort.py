@@ -14,12 +14,15 @@ from wsi_mil.errors import WsiMilError
 from wsi_mil.features.extract import (
     ExtractConfig,
     ExtractResult,
+    bag_inputs,
     bag_path,
     encoder_dirname,
     extract_slide,
     is_extracted,
     pt_path,
 )
+from wsi_mil.io import h5
+from wsi_mil.io.provenance import check
 
 if TYPE_CHECKING:
     from wsi_mil.features.runtime import Runner
@@ -154,8 +157,12 @@ def extract_one(
     bag = bag_path(out, cfg.encoder, sid)
     n_tiled = _n_coords(pfile)
     pt_ok = not cfg.pt or pt_path(out, cfg.encoder, sid).exists()
-    if not overwrite and pt_ok and is_extracted(bag, runner.encoder.weights_id, n_tiled):
-        return SlideOutcome(sid, STAGE, "skipped")
+    if not overwrite and is_extracted(bag):
+        # A finished bag is reused only if made from this patch file with this encoder,
+        # weights and precision; one made differently is refused, naming what changed.
+        check(sid, bag, h5.read_bag(bag, load_features=False).attrs, bag_inputs(h5.read_patches(pfile).attrs, runner))
+        if pt_ok and is_extracted(bag, runner.encoder.weights_id, n_tiled):
+            return SlideOutcome(sid, STAGE, "skipped")
     with _bar(sid, n_tiled, progress) as tick:
         res = extract_slide(
             pfile, bag, runner, cfg, pt=pt_path(out, cfg.encoder, sid) if cfg.pt else None, progress=tick
@@ -179,8 +186,6 @@ def extract_one(
 
 
 def _n_coords(pfile: Path) -> int:
-    from wsi_mil.io import h5
-
     return len(h5.read_patches(pfile).coords)
 
 

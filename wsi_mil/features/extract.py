@@ -119,11 +119,31 @@ def pt_path(out: str | Path, encoder: str, slide_id: str) -> Path:
     return Path(out) / "features" / encoder_dirname(encoder) / "pt_files" / f"{slide_id}.pt"
 
 
+def bag_inputs(patch_attrs: dict[str, Any], runner: Runner) -> dict[str, Any]:
+    """What makes a bag: its patch file's own inputs, the encoder (name, width, weights,
+    preprocessing) and the precision actually used. Recorded in the bag; resume compares it.
+    """
+    from wsi_mil.io.provenance import recorded
+
+    return {
+        "patches": recorded(patch_attrs),
+        "extract": {**runner.encoder.attrs(), "precision": runner.precision},
+    }
+
+
 def is_extracted(
-    path: str | Path, weights_id: str | None = None, n_expected: int | None = None
+    path: str | Path,
+    weights_id: str | None = None,
+    n_expected: int | None = None,
+    expected: dict[str, Any] | None = None,
 ) -> bool:
-    """True if ``path`` is a complete bag (of these weights, with ``n_expected`` tiled patches)."""
+    """True if ``path`` is a complete bag (of these weights, with ``n_expected`` tiled patches).
+
+    Given ``expected`` (:func:`bag_inputs`), the bag must also record exactly those inputs.
+    """
     import h5py
+
+    from wsi_mil.io.provenance import PROVENANCE, digest
 
     p = Path(path)
     if not p.is_file():
@@ -137,6 +157,8 @@ def is_extracted(
             ):
                 return False
             if weights_id is not None and a.get("encoder_weights") != weights_id:
+                return False
+            if expected is not None and str(a.get(PROVENANCE, "")) != digest(expected):
                 return False
             return n_expected is None or int(a.get("n_patches_tiled", -1)) == n_expected
     except (OSError, KeyError, ValueError):
@@ -182,6 +204,7 @@ def extract_slide(
     >>> extract_slide("out/patches/a.h5", "out/features/texture/h5_files/a.h5",
     ...               Runner(enc), ExtractConfig(encoder="texture"))  # doctest: +SKIP
     """
+    from wsi_mil.io.provenance import PROVENANCE, stamp
     from wsi_mil.slide import open_slide
     from wsi_mil.tiling.grid import best_level
 
@@ -210,6 +233,8 @@ def extract_slide(
         "read_size": plan.size_at_level,
         "supertile": cfg.supertile_used,
         "n_patches_tiled": n,
+        "patches_provenance": str(pf.attrs.get(PROVENANCE, "")),
+        **stamp(bag_inputs(pf.attrs, runner)),
     }
     limit = int(np.floor(cfg.max_unreadable * n))
     with atomic_path(bag) as tmp, BagWriter(tmp, pf.coords, enc.dim) as writer:

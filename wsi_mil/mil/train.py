@@ -34,8 +34,9 @@ from wsi_mil.cohort.lock import locks_output
 from wsi_mil.errors import ConfigError
 from wsi_mil.io.atomic import atomic_path
 from wsi_mil.io.h5 import read_bag
+from wsi_mil.io.provenance import PROVENANCE, SLIDE_FINGERPRINT, changes, digest, recorded, settings_only
 from wsi_mil.mil.config import TrainConfig
-from wsi_mil.mil.data import BagDataset, bag_paths, collate_bags, feature_stats, read_labels
+from wsi_mil.mil.data import BagDataset, LabelTable, bag_paths, collate_bags, feature_stats, read_labels
 from wsi_mil.mil.loss_attention import AttentionTargets, consistency_weight
 from wsi_mil.mil.metrics import CASE_AGGREGATION, aggregate_cases, classification_metrics, summarize
 from wsi_mil.mil.registry import create_model
@@ -275,6 +276,43 @@ def case_table(
     return df
 
 
+def same_settings(paths: Sequence[Path], attrs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The tiling and extraction settings every bag records (None for bags that predate them).
+
+    Raises
+    ------
+    ConfigError
+        Two bags were made differently (other tiling, encoder, weights or precision).
+    """
+    first = settings_only(recorded(attrs[0]))
+    for p, a in zip(paths[1:], attrs[1:], strict=True):
+        other = settings_only(recorded(a))
+        if other != first:
+            both = first is not None and other is not None
+            diff = changes(first, other) if both else ["provenance recorded in one only"]
+            raise ConfigError(
+                f"{p}: made differently from {paths[0]} ({'; '.join(diff[:3])}); one run trains on bags "
+                "made the same way: re-extract them with `wsi-mil extract --overwrite`"
+            )
+    return first
+
+
+def run_inputs(labels: LabelTable, bag_attrs: Sequence[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any]:
+    """What makes a run: each bag's provenance, the labels and cases, and the training settings.
+
+    Speed-only settings (device, threads, workers) and the run's name are left out.
+    """
+    train = {k: v for k, v in cfg.to_dict().items() if k not in ("run_name", "device", "num_threads", "num_workers")}
+    return {
+        "bags": {s: str(a.get(PROVENANCE, "")) for s, a in zip(labels.slide_ids, bag_attrs, strict=True)},
+        "labels": [
+            [c, s, labels.classes[int(y)]]
+            for c, s, y in zip(labels.case_ids, labels.slide_ids, labels.y, strict=True)
+        ],
+        "train": train,
+    }
+
+
 def resolve_encoder(out_dir: str | os.PathLike[str], encoder: str | None) -> str:
     """The feature folder to train on: ``encoder``, or the only one under ``OUT/features``."""
     root = Path(out_dir) / "features"
@@ -343,8 +381,10 @@ def train_run(
     out_dir = Path(out_dir)
     labels = read_labels(labels_csv)
     paths = bag_paths(out_dir / "features" / encoder / "h5_files", labels.slide_ids)
-    first = read_bag(paths[0], load_features=False)
+    bags = [read_bag(p, load_features=False) for p in paths]  # attributes and coords only
+    first = bags[0]
     in_dim = int(first.features.shape[1])
+    bag_settings = same_settings(paths, [b.attrs for b in bags])
     folds = make_splits(labels.y, cfg, str(labels_csv), labels.case_ids)
     device = resolve_device(cfg.device)
     if cfg.num_threads:
@@ -410,7 +450,13 @@ def train_run(
         histories += [{"fold": k, **h} for h in hist]
         states.append({n: t.detach().cpu().contiguous() for n, t in state.items()})
         split_rows += [
-            {"case_id": labels.case_ids[i], "slide_id": labels.slide_ids[i], "fold": k, "split": s}
+            {
+                "case_id": labels.case_ids[i],
+                "slide_id": labels.slide_ids[i],
+                "fold": k,
+                "split": s,
+                SLIDE_FINGERPRINT: str(bags[i].attrs.get(SLIDE_FINGERPRINT, "")),
+            }
             for s in ("train", "val", "test")
             for i in fold[s]
         ]
@@ -447,6 +493,8 @@ def train_run(
         "folds": len(folds),
         "checkpoints": [f"fold_{k}.safetensors" for k in range(len(folds))],
         "ensemble": "mean of the fold models' probabilities",
+        "bag_settings": digest(bag_settings) if bag_settings is not None else "",
+        "provenance": digest(run_inputs(labels, [b.attrs for b in bags], cfg)),
     }
     pred = pd.DataFrame(
         {
@@ -462,6 +510,7 @@ def train_run(
     case_pred = case_table(labels.case_ids, labels.y, oof, labels.classes, oof_fold)
     resolved = {**cfg.to_dict(), "encoder": encoder, "labels_csv": str(labels_csv)}
     pipeline = collect_settings(out_dir, encoder, first.attrs)
+    pipeline["bag_settings"] = bag_settings
     with atomic_path(run_dir) as tmp:
         tmp.unlink()
         tmp.mkdir()

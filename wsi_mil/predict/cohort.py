@@ -144,16 +144,26 @@ def merge_index(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
 
 
 def mark_trained_on(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
-    """Set ``trained_on`` per row (the slide is in the run's ``splits.csv``); return those ids."""
+    """Set ``trained_on`` per row: the same slide (id *and* file content) is in the run's ``splits.csv``.
+
+    A slide is identified by its id and its content fingerprint
+    (:func:`~wsi_mil.io.provenance.slide_fingerprint`), so a different file that happens
+    to share a training slide's name is not in-sample; where either side has no
+    fingerprint (runs or bags from older versions) the id alone decides. Returns those ids.
+    """
     import csv
 
+    from wsi_mil.io.provenance import SLIDE_FINGERPRINT
+
     splits = run_dir / "splits.csv"
-    trained: set[str] = set()
+    trained: dict[str, str] = {}
     if splits.is_file():
         with splits.open(newline="", encoding="utf-8") as fh:
-            trained = {r["slide_id"] for r in csv.DictReader(fh)}
+            trained = {r["slide_id"]: r.get(SLIDE_FINGERPRINT) or "" for r in csv.DictReader(fh)}
     for row in rows:
-        row["trained_on"] = row["slide_id"] in trained
+        sid, mine = row["slide_id"], str(row.get(SLIDE_FINGERPRINT) or "")
+        theirs = trained.get(sid)
+        row["trained_on"] = theirs is not None and (not theirs or not mine or theirs == mine)
     return [r["slide_id"] for r in rows if r["trained_on"]]
 
 
@@ -187,7 +197,7 @@ def predict_cohort(
     heatmap_config, heatmap_overrides : optional
         Heatmap preset/file and flag values (``configs/heatmap/``).
     extract_overrides : mapping, optional
-        Speed settings of extraction only (device, batch_size, workers, precision,
+        Speed settings of extraction only (device, batch_size, workers,
         backend, compile); the encoder and its weights always come from the model.
     overwrite : bool
         Redo slides already tiled and extracted in ``out``.

@@ -1,9 +1,11 @@
 """The tiling and extraction settings a model was trained with, stored beside it.
 
-``wsi-mil train`` copies ``OUT/tile_config.yaml`` and
-``OUT/features/<encoder>/extract_config.yaml`` into ``models/<run>/pipeline.yaml``;
-``wsi-mil predict`` tiles and extracts new slides with exactly those settings, so a new
-slide's bag is built the way the training bags were.
+``wsi-mil train`` writes ``models/<run>/pipeline.yaml`` from what the training bags
+themselves record (their provenance: tile settings, encoder, weights, precision), not
+from the cohort's current config files, which may have changed since; the runtime-only
+extraction fields (batch size, workers, device, ...) come from
+``OUT/features/<encoder>/extract_config.yaml``. ``wsi-mil predict`` tiles and extracts
+new slides with exactly those settings and refuses a bag whose settings differ.
 """
 
 from __future__ import annotations
@@ -17,7 +19,31 @@ from wsi_mil.errors import ConfigError
 PIPELINE_FILE = "pipeline.yaml"
 
 # Extraction fields that change speed, not features: a predicting machine may differ.
-RUNTIME_FIELDS = ("batch_size", "workers", "device", "precision", "backend", "compile", "pt")
+# Precision is not among them: bf16 and fp32 bags differ.
+RUNTIME_FIELDS = ("batch_size", "workers", "device", "backend", "compile", "pt")
+
+
+# Tile settings that change what one patch's features are; the others (overlap, tissue
+# threshold, segmentation) only change which patches a bag holds, e.g. the overlapping
+# grid recommended for smoother heatmaps.
+PATCH_TILE_FIELDS = ("patch_size", "target_mpp")
+
+
+def patch_settings(bag_settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What makes each patch's features: the patch size and mpp, encoder, weights, preprocessing, precision.
+
+    Examples
+    --------
+    >>> patch_settings({"patches": {"tile": {"patch_size": 256, "overlap": 0.5}}, "extract": {"precision": "fp32"}})
+    {'tile': {'patch_size': 256}, 'extract': {'precision': 'fp32'}}
+    """
+    if bag_settings is None:
+        return None
+    tile = ((bag_settings.get("patches") or {}).get("tile")) or {}
+    return {
+        "tile": {k: tile[k] for k in PATCH_TILE_FIELDS if k in tile},
+        "extract": bag_settings.get("extract"),
+    }
 
 
 @dataclass(frozen=True)
@@ -36,6 +62,8 @@ class ModelSettings:
         The weights id stored in the training bags (a hash for local files).
     path : Path
         The YAML file; its ``tile`` and ``extract`` sections load as stage configs.
+    bag_settings : dict or None
+        The settings every training bag records (None: bags that predate provenance).
     """
 
     run_dir: Path
@@ -43,6 +71,7 @@ class ModelSettings:
     weights: str | None
     weights_id: str
     path: Path
+    bag_settings: dict[str, Any] | None = None
 
     @property
     def run(self) -> str:
@@ -65,16 +94,22 @@ def collect_settings(out: str | Path, encoder: str, bag_attrs: dict[str, Any]) -
     """
     from wsi_mil.config import read_yaml
     from wsi_mil.features.extract import encoder_dirname
+    from wsi_mil.io.provenance import recorded
 
     out = Path(out)
+    made = recorded(bag_attrs) or {}
     tile_file = out / "tile_config.yaml"
     ext_file = out / "features" / encoder_dirname(encoder) / "extract_config.yaml"
-    tile = read_yaml(tile_file).get("tile") if tile_file.is_file() else None
-    if tile is None:  # tiled by an older version or elsewhere: what the bag records
+    tile = (made.get("patches") or {}).get("tile")  # how the bags were really tiled
+    if tile is None and tile_file.is_file():  # bags from before provenance: the cohort's config
+        tile = read_yaml(tile_file).get("tile")
+    if tile is None:
         tile = {k: bag_attrs[k] for k in ("patch_size", "target_mpp", "overlap") if k in bag_attrs}
     ext = read_yaml(ext_file).get("extract") if ext_file.is_file() else None
     if ext is None:
         ext = {"encoder": str(bag_attrs.get("encoder", encoder))}
+    if "precision" in (made.get("extract") or {}):  # the precision the bags were made in, resolved
+        ext = {**ext, "precision": made["extract"]["precision"]}
     return {
         "tile": tile,
         "extract": ext,
@@ -104,4 +139,7 @@ def load_settings(run_dir: str | Path) -> ModelSettings:
     ext = data.get("extract") or {}
     if not isinstance(data.get("tile"), dict) or "encoder" not in ext:
         raise ConfigError(f"{path}: needs 'tile' and 'extract' sections with the encoder")
-    return ModelSettings(run_dir, str(ext["encoder"]), ext.get("weights"), str(data.get("weights_id", "")), path)
+    return ModelSettings(
+        run_dir, str(ext["encoder"]), ext.get("weights"), str(data.get("weights_id", "")), path,
+        data.get("bag_settings"),
+    )

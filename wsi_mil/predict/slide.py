@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from wsi_mil.errors import BagError, SlideError
+from wsi_mil.io.provenance import SLIDE_FINGERPRINT
 
 PREDICTIONS_FILE = "predictions.csv"
 
@@ -95,6 +96,18 @@ def predict_slide(
         raise BagError(
             f"{path}: extracted with weights {made_with}, but {settings.run} was trained on {settings.weights_id}"
         )
+    if settings.bag_settings is not None:  # each patch's features must be made as in training
+        from wsi_mil.io.provenance import changes, recorded, settings_only
+        from wsi_mil.predict.settings import patch_settings
+
+        want = patch_settings(settings.bag_settings)
+        mine = patch_settings(settings_only(recorded(bag.attrs)))
+        if mine != want:
+            diff = changes(want, mine) if mine is not None and want is not None else ["no provenance recorded"]
+            raise BagError(
+                f"{path}: made differently from {settings.run}'s training bags ({'; '.join(diff[:3])}); "
+                "re-extract it with the model's settings (wsi-mil predict --overwrite)"
+            )
     if len(bag.features) == 0:
         raise SlideError(slide_id, "no tissue patches to diagnose")
     if model is None:
@@ -108,6 +121,7 @@ def predict_slide(
     row.update({f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)})
     src = slide_path or bag.attrs.get("slide_path") or None
     row.update(n_patches=len(bag.features), slide_path=str(src or ""))
+    row[SLIDE_FINGERPRINT] = str(bag.attrs.get(SLIDE_FINGERPRINT, ""))
     if isinstance(heatmap_options, Mapping):
         heatmap_options = resolve_heatmap_options(None, heatmap_options)
     mpp = bag.attrs.get("mpp")

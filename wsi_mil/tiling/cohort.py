@@ -13,7 +13,7 @@ from wsi_mil.cohort.lock import locks_output
 from wsi_mil.cohort.runner import SlideOutcome, StageSummary, run_slides
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
-from wsi_mil.tiling.run import TileConfig, TileResult, is_tiled, tile_slide
+from wsi_mil.tiling.run import TileConfig, TileResult, check_tiled, is_tiled, tile_inputs, tile_slide
 
 STAGE = "tile"
 
@@ -46,11 +46,18 @@ def tile_one(
         Run-wide level-0 µm/px override.
     overwrite : bool
         Redo a slide that already has a complete patch file.
+
+    Raises
+    ------
+    StaleOutputError
+        Its patch file was made with other settings or from another file (and not ``overwrite``).
     """
+    override, source = (item.mpp, "csv") if item.mpp is not None else (mpp, "cli")
     if not overwrite and is_tiled(out, item.slide_id):
+        # Reused only if made from this very slide file with these settings; else refused.
+        check_tiled(out, item.slide_id, tile_inputs(cfg, item.path, override))
         return SlideOutcome(item.slide_id, STAGE, "skipped")
     t0 = time.perf_counter()
-    override, source = (item.mpp, "csv") if item.mpp is not None else (mpp, "cli")
     res = tile_slide(item.path, out, cfg, mpp=override, mpp_source=source, slide_id=item.slide_id)
     detail = f"mpp={res.mpp:g} ({res.mpp_source}); " + " ".join(f"{k}={v:.3f}s" for k, v in res.timings.items())
     empty = res.state != "done"

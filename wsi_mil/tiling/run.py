@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -73,16 +74,42 @@ def patches_path(out: Path, slide_id: str) -> Path:
     return Path(out) / "patches" / f"{slide_id}.h5"
 
 
-def is_tiled(out: Path, slide_id: str) -> bool:
-    """True if a complete patch file exists (files appear only complete: temp + rename)."""
+def tile_inputs(cfg: TileConfig, slide_path: str | Path, mpp: float | None = None) -> dict[str, Any]:
+    """What makes a patch file: the tile settings, the slide's identity and any mpp override.
+
+    Recorded in ``patches/<id>.h5`` (:mod:`wsi_mil.io.provenance`); resume compares it.
+    """
+    from dataclasses import asdict
+
+    from wsi_mil.io.provenance import slide_fingerprint
+
+    return {"tile": asdict(cfg), "slide": slide_fingerprint(slide_path), "mpp_override": mpp}
+
+
+def check_tiled(out: Path, slide_id: str, expected: dict[str, Any]) -> None:
+    """Raise :class:`~wsi_mil.io.provenance.StaleOutputError` unless the patch file records ``expected``."""
+    from wsi_mil.io.provenance import check
+
+    p = patches_path(out, slide_id)
+    check(slide_id, p, h5.read_patches(p).attrs, expected)
+
+
+def is_tiled(out: Path, slide_id: str, expected: dict[str, Any] | None = None) -> bool:
+    """True if a complete patch file exists (and, given ``expected``, records exactly those inputs).
+
+    Files appear only complete (temp + rename), so existence plus a readable ``coords``
+    dataset means finished; ``expected`` (:func:`tile_inputs`) also asks how it was made.
+    """
+    from wsi_mil.io.provenance import PROVENANCE, digest
+
     p = patches_path(out, slide_id)
     if not p.exists():
         return False
     try:
-        h5.read_patches(p)
+        attrs = h5.read_patches(p).attrs
     except Exception:
         return False
-    return True
+    return expected is None or str(attrs.get(PROVENANCE, "")) == digest(expected)
 
 
 def tile_slide(
@@ -118,6 +145,7 @@ def tile_slide(
     >>> tile_slide("slides/a.tif", "out")  # doctest: +SKIP
     """
     from wsi_mil.io.geojson import tissue_feature_collection, write_geojson
+    from wsi_mil.io.provenance import SLIDE_FINGERPRINT, stamp
     from wsi_mil.slide import open_slide
     from wsi_mil.tiling.thumbnail import draw_thumbnail, write_png
 
@@ -177,6 +205,8 @@ def tile_slide(
         "slide_dimensions": [width, height],
         "tissue_area_um2": tissue.area_um2,
     }
+    inputs = tile_inputs(cfg, path, mpp)
+    attrs.update(stamp(inputs), **{SLIDE_FINGERPRINT: inputs["slide"]})
     h5.write_patches(patches_path(out, sid), coords, attrs)
     tol = cfg.simplify_um / slide_mpp.mean
     write_geojson(out / "masks" / f"{sid}.geojson", tissue_feature_collection(tissue.polygons, tol))
