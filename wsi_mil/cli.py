@@ -339,6 +339,9 @@ def run(
         ),
     ] = None,
     retry_failed: Annotated[bool, typer.Option(help="Also redo slides that failed in an earlier run.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="Redo tiles and bags made with other settings or from another slide file.")
+    ] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (overrides the config's).")] = None,
     stages: Annotated[
         str | None, typer.Option(help="Comma-separated subset of tile,extract,train,heatmap,predict.")
@@ -349,7 +352,9 @@ def run(
     from wsi_mil.cohort import load_cohort_config, run_cohort
 
     cfg = load_cohort_config(config, {"out": out, "stages": stages})
-    summary = run_cohort(cfg, scheduler=scheduler, retry_failed=retry_failed, echo=typer.echo, progress=progress)
+    summary = run_cohort(
+        cfg, scheduler=scheduler, retry_failed=retry_failed, overwrite=overwrite, echo=typer.echo, progress=progress
+    )
     if not summary.ok:
         raise typer.Exit(1)
 

@@ -133,6 +133,7 @@ def run_cohort(
     *,
     scheduler: str | None = None,
     retry_failed: bool = False,
+    overwrite: bool = False,
     echo: Callable[[str], None] = print,
     progress: bool = True,
 ) -> RunSummary:
@@ -147,6 +148,9 @@ def run_cohort(
         ``"sequential"``; None with no ``cfg.scheduler``: an embedded LocalCluster.
     retry_failed : bool
         Also redo (slide, stage) pairs that failed in an earlier run.
+    overwrite : bool
+        Redo tiles and bags made with other settings or from another slide file (else they
+        fail, naming what changed); implies ``retry_failed`` for those stages.
     echo : callable
         Receives progress lines, failures and the summary.
     progress : bool
@@ -189,7 +193,7 @@ def run_cohort(
         summary.run_dir = _run_dir(cfg)
         try:
             with open_executor(cfg, where, echo) as ex:
-                jobs = _plan(cfg, inputs, retry_failed, ex.gpu_workers, ex.slots_by_host)
+                jobs = _plan(cfg, inputs, retry_failed, ex.gpu_workers, ex.slots_by_host, overwrite)
                 for name in _stage_names(cfg):
                     summary.stages[name] = StageReport(name)
                 by_key = {j.key: j for j in jobs}
@@ -243,6 +247,7 @@ def _plan(
     retry: bool,
     gpu_workers: bool,
     slots: Mapping[str, int],
+    overwrite: bool = False,
 ) -> list[Job]:
     """The task graph, in an order that is also a valid sequential order."""
     import dataclasses
@@ -269,7 +274,7 @@ def _plan(
                     sid,
                     tasks.tile_task,
                     [],
-                    (str(cfg.out), slide, to_dict(cfg.tile), cfg.mpp, retry),
+                    (str(cfg.out), slide, to_dict(cfg.tile), cfg.mpp, retry or overwrite, overwrite),
                 )
             )
     for item in inputs:
@@ -284,7 +289,7 @@ def _plan(
                     sid,
                     tasks.extract_task,
                     [tile_key[sid]],
-                    (str(cfg.out), sid, to_dict(cfg.extract), retry, threads, dict(slots)),
+                    (str(cfg.out), sid, to_dict(cfg.extract), retry or overwrite, threads, dict(slots), overwrite),
                     {"GPU": 1} if ext_gpu else None,
                 )
             )

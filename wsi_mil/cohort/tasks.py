@@ -210,6 +210,13 @@ def train_task(
     cfg = config_from_dict(dict(train_cfg), "train")
     run_dir = outp / "models" / cfg.run_name
     if run_dir.is_dir():  # written atomically: it exists only complete
+        stale = _stale_run(run_dir, outp, labels, encoder, cfg, bags, cohort_ids)
+        if stale:
+
+            def refuse() -> SlideOutcome:
+                raise WsiMilError(stale)
+
+            return run_step(outp, TRAIN_ROW, "train", refuse)  # recorded as failed, with the reason
         return SlideOutcome(TRAIN_ROW, "train", "skipped", detail=str(run_dir), result=str(run_dir))
     prev = current_row(outp, TRAIN_ROW, "train") or {}
     if prev.get("state") == "failed" and not retry_failed:
@@ -219,17 +226,12 @@ def train_task(
         import torch
 
         from wsi_mil.cohort.lock import delegated
-        from wsi_mil.features.extract import bag_path, encoder_dirname
+        from wsi_mil.features.extract import encoder_dirname
         from wsi_mil.mil.data import read_labels, write_labels
         from wsi_mil.mil.train import train_run
 
         table = read_labels(labels)
-        upstream = {b.slide_id: b for b in bags if b is not None}
-        usable, left_out = [], []
-        for i, sid in enumerate(table.slide_ids):
-            b = upstream.get(sid)
-            ok = sid in cohort_ids and (b is None or b.state in READY) and _n_rows(bag_path(outp, encoder, sid)) > 0
-            (usable if ok else left_out).append(i)
+        usable, left_out = _usable(table, outp, encoder, bags, cohort_ids)
         if not usable:
             raise ValueError(f"{labels}: no labelled slide of the cohort has a feature bag")
         csv = outp / "train_labels.csv"
@@ -243,6 +245,58 @@ def train_task(
         )
 
     return run_step(outp, TRAIN_ROW, "train", work)
+
+
+def _usable(
+    table: Any, outp: Path, encoder: str, bags: Sequence[SlideOutcome | None], cohort_ids: Sequence[str]
+) -> tuple[list[int], list[int]]:
+    """Rows of the label table to train on (in the cohort, with a non-empty bag) and the others."""
+    from wsi_mil.features.extract import bag_path
+
+    upstream = {b.slide_id: b for b in bags if b is not None}
+    usable, left_out = [], []
+    for i, sid in enumerate(table.slide_ids):
+        b = upstream.get(sid)
+        ok = sid in cohort_ids and (b is None or b.state in READY) and _n_rows(bag_path(outp, encoder, sid)) > 0
+        (usable if ok else left_out).append(i)
+    return usable, left_out
+
+
+def _stale_run(
+    run_dir: Path,
+    outp: Path,
+    labels: str,
+    encoder: str,
+    cfg: Any,
+    bags: Sequence[SlideOutcome | None],
+    cohort_ids: Sequence[str],
+) -> str:
+    """Why an existing run folder was not made from these bags, labels and settings ("" if it was)."""
+    import json
+
+    from wsi_mil.errors import WsiMilError
+    from wsi_mil.features.extract import bag_path
+    from wsi_mil.io.h5 import read_bag
+    from wsi_mil.io.provenance import digest
+    from wsi_mil.mil.data import LabelTable, read_labels
+    from wsi_mil.mil.train import run_inputs
+
+    try:
+        made = json.loads((run_dir / "model.json").read_text()).get("provenance", "")
+        table = read_labels(labels)
+        usable, _ = _usable(table, outp, encoder, bags, cohort_ids)
+        sub = LabelTable(
+            [table.slide_ids[i] for i in usable], table.y[usable], table.classes, [table.case_ids[i] for i in usable]
+        )
+        attrs = [read_bag(bag_path(outp, encoder, s), load_features=False).attrs for s in sub.slide_ids]
+    except (OSError, ValueError, WsiMilError) as exc:
+        return f"{run_dir}: cannot check how it was trained ({exc}); give the run another run_name"
+    if made == digest(run_inputs(sub, attrs, cfg)):
+        return ""
+    return (
+        f"{run_dir} was trained on other bags, labels or settings than this run would use; "
+        "give train.run_name a new name (or remove the folder) to train again"
+    )
 
 
 def _n_rows(path: Path) -> int:
