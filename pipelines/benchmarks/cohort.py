@@ -35,6 +35,7 @@ import multiprocessing
 import os
 import shutil
 import sqlite3
+import statistics
 import sys
 import tempfile
 import time
@@ -201,6 +202,12 @@ def scaling(args: argparse.Namespace) -> None:
                 "span_s": round(span, 1),
                 "span_per_slide": round(span / n, 4),
                 "task_s_per_slide": round(task / n, 4),
+                # Typical task (median over the cohort, per stage): what a load spike does not move.
+                **{
+                    f"median_{st}_s": round(statistics.median(ts), 4)
+                    for st in ("tile", "extract")
+                    if (ts := [o.seconds for o in summary.outcomes if o.stage == st and o.state in ("done", "empty")])
+                },
                 "slides_per_hour": round(n / wall * 3600),
                 "patches": summary.stages["tile"].n_patches,
             }
@@ -214,7 +221,8 @@ def scaling(args: argparse.Namespace) -> None:
         base = next(b for b in results if b["mode"] == r["mode"])
         r["per_slide_vs_smallest"] = round(r["s_per_slide"] / base["s_per_slide"], 3)
         r["span_per_slide_vs_smallest"] = round(r["span_per_slide"] / base["span_per_slide"], 3)
-    cols = ["mode", "slides", "wall_s", "s_per_slide", "span_per_slide", "task_s_per_slide", "slides_per_hour"]
+    cols = ["mode", "slides", "wall_s", "s_per_slide", "span_per_slide", "task_s_per_slide", "median_extract_s"]
+    cols += ["slides_per_hour"]
     cols += ["per_slide_vs_smallest", "span_per_slide_vs_smallest"]
     print_table(results, cols)
     path = save_json("cohort_scaling", {"settings": {k: str(v) for k, v in vars(args).items()}, "results": results})
