@@ -365,12 +365,29 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the demo cohort goes.")] = Path("demo_out"),
     n_slides: Annotated[int, typer.Option(help="Number of synthetic slides.")] = 24,
     n_heldout: Annotated[int, typer.Option(help="Slides held out for prediction (the last ones).")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic slides.")] = 0,
+    size: Annotated[str, typer.Option(help="Level-0 size of each slide, WIDTHxHEIGHT.")] = "6144x4608",
+    epochs: Annotated[int, typer.Option(help="Training epochs per fold.")] = 30,
+    folds: Annotated[int, typer.Option(help="Cross-validation folds.")] = 4,
 ) -> None:
-    """The embedded default: synthetic slides → tile → extract → train → predict held-out → heatmaps."""
-    from wsi_mil.demo import run_demo
+    """The embedded default: synthetic slides → tile → extract → train → predict held-out → heatmaps.
 
+    Re-running with the same options resumes; other options regenerate the slides or retrain.
+    """
+    from wsi_mil.demo import run_demo
+    from wsi_mil.errors import ConfigError
+
+    try:
+        w, h = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size: expected WIDTHxHEIGHT such as 6144x4608, got {size!r}") from None
+    if min(w, h) < 1024:
+        raise ConfigError(f"--size: slides need at least 1024 px a side, got {size}")
     # Bars only on a terminal: in a log (CI, `make demo > log`) they are blank lines.
-    run_demo(out, n_slides=n_slides, n_heldout=n_heldout, echo=typer.echo, progress=sys.stdout.isatty())
+    run_demo(
+        out, n_slides=n_slides, n_heldout=n_heldout, epochs=epochs, folds=folds, slide_size=(w, h), seed=seed,
+        echo=typer.echo, progress=sys.stdout.isatty(),
+    )
 
 
 @app.command(

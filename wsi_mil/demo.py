@@ -12,23 +12,54 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-from wsi_mil.errors import ConfigError
+from wsi_mil.errors import ConfigError, WsiMilError
+from wsi_mil.io.atomic import write_text_atomic
 from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
 
 RUN = "demo"
 ENCODER = "texture"
+#: What the demo in OUT was made with; a re-run with other parameters regenerates or retrains.
+PARAMS_FILE = "demo.json"
 
 
-def make_cohort(folder: str | Path, n_slides: int, seed: int = 0, size: tuple[int, int] = (6144, 4608)) -> list[Path]:
-    """Write ``n_slides`` synthetic slides, alternating tumour / normal; return their paths."""
+def _changed(out: Path, params: dict[str, dict[str, Any]]) -> tuple[bool, bool]:
+    """(cohort changed, split changed) against ``OUT/demo.json``; unknown counts as changed."""
+    path = out / PARAMS_FILE
+    try:
+        prev = json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        prev = None
+    if prev is None:  # fresh, or made by an older version: nothing of it can be trusted
+        return True, True
+    cohort = prev.get("cohort") != params["cohort"]
+    return cohort, cohort or prev.get("split") != params["split"]
+
+
+def make_cohort(
+    folder: str | Path,
+    n_slides: int,
+    seed: int = 0,
+    size: tuple[int, int] = (6144, 4608),
+    rewrite: bool = False,
+) -> list[Path]:
+    """Write ``n_slides`` synthetic slides, alternating tumour / normal; return their paths.
+
+    Existing files are kept unless ``rewrite``, which also removes demo slides beyond ``n_slides``.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    names = {f"{'tumour' if i % 2 == 0 else 'normal'}_{i:03d}.tif" for i in range(n_slides)}
+    if rewrite:
+        for old in folder.glob("*_[0-9][0-9][0-9].tif"):
+            if old.name not in names:
+                old.unlink()
     for i in range(n_slides):
         tumour = i % 2 == 0
         p = folder / f"{'tumour' if tumour else 'normal'}_{i:03d}.tif"
-        if not p.exists():
+        if rewrite or not p.exists():
             pen = ("green",) if i % 3 == 0 else ()
             write_synthetic_slide(
                 p,
@@ -65,6 +96,7 @@ def run_demo(
     epochs: int = 30,
     folds: int = 4,
     slide_size: tuple[int, int] = (6144, 4608),
+    seed: int = 0,
     echo: Callable[[str], None] = print,
     progress: bool = True,
 ) -> DemoResult:
@@ -73,13 +105,24 @@ def run_demo(
     Parameters
     ----------
     out : path-like
-        Output folder (re-running resumes: finished slides and the trained run are reused).
+        Output folder. Re-running with the same parameters resumes (slides, tiles, bags and
+        the trained run are reused); ``OUT/demo.json`` records them, and other cohort
+        parameters (``n_slides``, ``seed``, ``slide_size``) regenerate the slides and redo
+        every stage, other split parameters (``n_heldout``, ``folds``, ``epochs``) retrain.
     n_slides, n_heldout : int
         Slides in the cohort, and how many of them (the last ones) are held out.
     epochs, folds : int
         Training epochs per fold and cross-validation folds.
     slide_size : tuple of int
         Level-0 width and height of the synthetic slides.
+    seed : int
+        Seed of the synthetic slides.
+
+    Raises
+    ------
+    WsiMilError
+        A held-out slide is in the model's training splits (never expected; refused
+        rather than reported as new).
     """
     import numpy as np
     import pandas as pd
@@ -95,18 +138,31 @@ def run_demo(
     if not 2 <= n_heldout <= n_slides - 2 * folds:
         raise ConfigError(f"demo: need 2 ≤ n_heldout ≤ n_slides − 2·folds, got {n_heldout} of {n_slides}")
     out = Path(out)
+    params = {
+        "cohort": {"n_slides": n_slides, "seed": seed, "slide_size": list(slide_size)},
+        "split": {"n_heldout": n_heldout, "folds": folds, "epochs": epochs},
+    }
+    new_cohort, new_split = _changed(out, params)
     clock: dict[str, float] = {}
     t = time.perf_counter()
     echo(f"writing {n_slides} synthetic slides to {out / 'slides'} ...")
-    slides = make_cohort(out / "slides", n_slides, size=slide_size)
+    slides = make_cohort(out / "slides", n_slides, seed=seed, size=slide_size, rewrite=new_cohort)
     train, held = slides[:-n_heldout], slides[-n_heldout:]
     clock["slides"] = time.perf_counter() - t
+    run_dir = out / "models" / RUN
+    if new_split:  # the demo's own run and heatmaps: made for another cohort or split
+        import shutil
+
+        for stale in (run_dir, out / "heatmaps" / RUN):
+            if stale.exists():
+                echo(f"demo parameters changed: removing {stale}")
+                shutil.rmtree(stale)
 
     t = time.perf_counter()
-    tile_cohort(list(train), out, echo=echo, progress=progress)
+    tile_cohort(list(train), out, overwrite=new_cohort, echo=echo, progress=progress)
     clock["tile"] = time.perf_counter() - t
     t = time.perf_counter()
-    extract_cohort(out, ENCODER, echo=echo, progress=progress)
+    extract_cohort(out, ENCODER, slide_ids=[p.stem for p in train], overwrite=new_cohort, echo=echo, progress=progress)
     clock["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -114,7 +170,6 @@ def run_demo(
     pd.DataFrame({"slide_id": [p.stem for p in train], "label": [label_of(p) for p in train]}).to_csv(
         labels, index=False
     )
-    run_dir = out / "models" / RUN
     if not (run_dir / "model.json").is_file():
         # A validation split needs one slide per class: small cohorts get a larger share.
         val = min(0.45, max(0.2, 2.0 / (len(train) * (folds - 1) / folds)))
@@ -126,8 +181,13 @@ def run_demo(
     echo(f"train: {folds}-fold CV on {len(train)} slides, out-of-fold AUC {cv_auc:.3f} → {run_dir}")
     clock["train"] = time.perf_counter() - t
 
+    trained = set(pd.read_csv(run_dir / "splits.csv").slide_id)
+    leaked = sorted(trained & {p.stem for p in held})
+    if leaked:
+        raise WsiMilError(f"{run_dir}: held-out slide(s) {', '.join(leaked)} are in its training splits; remove it")
+
     t = time.perf_counter()
-    pred = predict_cohort(list(held), run_dir, out, echo=echo, progress=progress)
+    pred = predict_cohort(list(held), run_dir, out, overwrite=new_cohort, echo=echo, progress=progress)
     clock["predict"] = time.perf_counter() - t
     t = time.perf_counter()
     heatmap_cohort(out, run_dir, slide_ids=[p.stem for p in train], echo=echo, progress=progress)
@@ -141,7 +201,8 @@ def run_demo(
     auc = float(roc_auc_score(y, p_tum)) if 0 < y.sum() < len(y) else float("nan")
     loc = localisation([heatmap_paths(out, RUN, p.stem)["h5"] for p in ok], ok, "tumour")
     result = DemoResult(len(train), len(held), cv_auc, auc, acc, loc.prob_auc, loc.attention_auc, clock)
-    (out / "demo_metrics.json").write_text(json.dumps(asdict(result), indent=2))
+    write_text_atomic(out / "demo_metrics.json", json.dumps(asdict(result), indent=2))
+    write_text_atomic(out / PARAMS_FILE, json.dumps(params, indent=2))  # last: only a finished demo counts
 
     total = sum(clock.values())
     echo("")

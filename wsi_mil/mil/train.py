@@ -130,18 +130,21 @@ def make_splits(
         try:
             with warnings.catch_warnings():  # few cases of a class: the split is as stratified as it can be
                 warnings.simplefilter("ignore", UserWarning)
-                tr, va = next(inner.split(np.zeros(len(train_val)), y[train_val], g[train_val]))
+                candidates = list(inner.split(np.zeros(len(train_val)), y[train_val], g[train_val]))
         except ValueError as exc:
             raise ConfigError(
                 f"{where}: fold {k}: cannot make a validation split of cv.val_fraction="
                 f"{cfg.cv.val_fraction} ({exc}); add {unit}, lower cv.folds or raise cv.val_fraction"
             ) from exc
-        train, val = train_val[tr], train_val[va]
-        if len(set(y[train].tolist())) < len(per_class):
+        # The first inner split that leaves every class to train on (tiny cohorts: not always the first).
+        usable = [(tr, va) for tr, va in candidates if len(set(y[train_val[tr]].tolist())) == len(per_class)]
+        if not usable:
             raise ConfigError(
                 f"{where}: fold {k}'s training part lacks a class after the validation split; "
                 f"add {unit} or lower cv.folds"
             )
+        tr, va = usable[0]
+        train, val = train_val[tr], train_val[va]
         folds.append({"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)})
     return folds
 
