@@ -172,7 +172,7 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
 def load_cohort_config(
     path: str | os.PathLike[str] | None = None, overrides: Mapping[str, Any] | None = None
 ) -> CohortConfig:
-    """Read a cohort config on top of ``configs/cohort/default.yaml``; flags override both.
+    r"""Read a cohort config on top of ``configs/cohort/default.yaml``; flags override both.
 
     Parameters
     ----------
@@ -188,9 +188,12 @@ def load_cohort_config(
 
     Examples
     --------
-    >>> cfg = load_cohort_config("configs/cohort/example.yaml")  # doctest: +SKIP
-    >>> cfg.stages
-    ('tile', 'extract', 'train', 'heatmap')
+    >>> import tempfile
+    >>> yaml_file = Path(tempfile.mkdtemp()) / "cohort.yaml"
+    >>> _ = yaml_file.write_text("slides: slides/\nout: out/\nstages: [tile, extract]\n")
+    >>> cfg = load_cohort_config(yaml_file)
+    >>> cfg.stages, cfg.out.name
+    (('tile', 'extract'), 'out')
     """
     from wsi_mil.config import preset_path, read_yaml
 

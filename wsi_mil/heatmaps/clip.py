@@ -40,8 +40,8 @@ def rasterise_polygons(
     Examples
     --------
     >>> sq = np.array([[0, 0], [100, 0], [100, 100], [0, 100]], float)
-    >>> rasterise_polygons([[sq]], 200, 100).mask.mean()
-    0.5
+    >>> round(float(rasterise_polygons([[sq]], 200, 100).mask.mean()), 2)  # half the slide, edge pixels in
+    0.51
     """
     import cv2
 
