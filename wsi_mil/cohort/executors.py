@@ -34,6 +34,10 @@ class Sequential:
     gpu_workers = False
     slots_by_host: dict[str, int] = {}  # noqa: RUF012 - read only
 
+    def clean_partials(self, out: str) -> int:
+        """Nothing to do: this process's host is cleaned by the run itself."""
+        return 0
+
     def run(self, jobs: list[Job]) -> Iterator[tuple[str, SlideOutcome]]:
         done: dict[str, SlideOutcome] = {}
         for job in jobs:
@@ -83,6 +87,28 @@ class DaskExecutor:
             reason = failure_reason(error)
             status.record(self._out(job), job.slide_id, job.stage, "failed", reason=reason)
             yield job.key, SlideOutcome(job.slide_id, job.stage, "failed", reason=reason)
+
+    def clean_partials(self, out: str) -> int:
+        """Remove dead writers' partials on each worker host other than this one.
+
+        Only a process on the writer's host can tell whether its pid still runs, so one
+        worker per other host looks (:func:`~wsi_mil.io.atomic.remove_orphan_partials`).
+        Returns how many were removed; never fails the run.
+        """
+        from wsi_mil.io.atomic import host_tag, remove_orphan_partials
+
+        try:
+            tags = self.client.run(host_tag)  # {worker address: its host}
+            one: dict[str, str] = {}
+            for addr, tag in tags.items():
+                if tag != host_tag():
+                    one.setdefault(tag, addr)
+            if not one:
+                return 0
+            removed = self.client.run(remove_orphan_partials, out, workers=list(one.values()))
+            return int(sum(removed.values()))
+        except Exception:  # a worker gone meanwhile: the next run looks again
+            return 0
 
     @staticmethod
     def _out(job: Job) -> str:
