@@ -3,14 +3,15 @@
 ``configs/cohort/default.yaml`` gives the defaults; a user's file names what differs.
 Each stage section is either a preset name (``tile: biopsy``) or a mapping of settings,
 optionally with ``preset:``, applied on top of that stage's preset. Relative paths are
-relative to the config file's folder.
+relative to the config file's folder. Everything is typed and checked by the one loader
+(:func:`wsi_mil.config.from_mapping`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,8 @@ class CohortConfig:
         Where the config came from (for messages).
     """
 
-    slides: tuple[Path, ...]
-    out: Path
+    slides: tuple[Path, ...] = field(metadata={"help": "a folder, a CSV, or a list of them"})
+    out: Path = field(metadata={"help": "the cohort output folder"})
     labels: Path | None = None
     stages: tuple[str, ...] = ("tile", "extract", "train", "heatmap")
     scheduler: str | None = None
@@ -93,7 +94,21 @@ class CohortConfig:
     train: Any = None
     heatmap: Any = None
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
-    source: str = "config"
+    source: str = field(default="config", metadata={"setting": False})
+
+    def validate(self) -> None:
+        """Refuse a config no run can use (the loader calls it, before any work)."""
+        if not self.slides:
+            raise ConfigError("'slides' is required (a folder, a CSV, or a list of them)")
+        bad = sorted(set(self.stages) - set(STAGES))
+        if bad:
+            raise ConfigError(f"unknown stage(s) {', '.join(bad)}; valid: {', '.join(STAGES)}")
+        if "train" in self.stages and not self.labels:
+            raise ConfigError("stage train needs 'labels' (a slide_id,label CSV)")
+        if any(s in self.stages for s in ("heatmap", "predict")) and "train" not in self.stages and not self.model:
+            raise ConfigError("heatmap/predict without train need 'model' (a models/<run> folder)")
+        if self.mpp is not None and self.mpp <= 0:
+            raise ConfigError(f"mpp must be a positive number, got {self.mpp!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (the resolved ``OUT/run_config.yaml``)."""
@@ -115,58 +130,18 @@ class CohortConfig:
         }
 
 
-_TOP = (
-    "slides",
-    "out",
-    "labels",
-    "stages",
-    "scheduler",
-    "mpp",
-    "model",
-    "cluster",
-    "tile",
-    "extract",
-    "train",
-    "heatmap",
-)
+#: The stage sections: name → (module, dataclass), imported when a config is loaded.
+SECTIONS = {
+    "tile": ("wsi_mil.tiling.run", "TileConfig"),
+    "extract": ("wsi_mil.features.extract", "ExtractConfig"),
+    "train": ("wsi_mil.mil.config", "TrainConfig"),
+    "heatmap": ("wsi_mil.heatmaps.options", "HeatmapOptions"),
+}
 
 
-def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for k, v in data.items():
-        if isinstance(v, Mapping):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
-def _section(value: Any, where: str) -> tuple[str | None, dict[str, Any]]:
-    """(preset, dotted overrides) of a stage section."""
-    if value is None:
-        return None, {}
-    if isinstance(value, str):
-        return value, {}
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"{where}: expected a preset name or a mapping of settings, got {value!r}")
-    data = dict(value)
-    preset = data.pop("preset", None)
-    return preset, _flatten(data)
-
-
-def _path(base: Path, value: Any) -> Path:
-    p = Path(os.path.expanduser(str(value)))
-    return p if p.is_absolute() else (base / p).resolve()
-
-
-def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
-            out[k] = _merge(out[k], v)
-        else:
-            out[k] = v
-    return out
+def _path(base: Path, p: Path) -> Path:
+    # ".." is taken lexically from the file's folder as named (configs/ may be a link).
+    return p if p.is_absolute() else Path(os.path.normpath(base / p)).resolve()
 
 
 def load_cohort_config(
@@ -179,7 +154,7 @@ def load_cohort_config(
     path : path-like, optional
         The user's YAML file (None: only the defaults and ``overrides``).
     overrides : mapping, optional
-        Top-level values (``out``, ``scheduler``, ``stages``, ...); None = not given.
+        Flag values by dotted key (``out``, ``stages``, ``tile.patch_size``, ...); None = not given.
 
     Raises
     ------
@@ -195,70 +170,54 @@ def load_cohort_config(
     >>> cfg.stages, cfg.out.name
     (('tile', 'extract'), 'out')
     """
-    from wsi_mil.config import preset_path, read_yaml
+    from wsi_mil.config import apply_overrides, preset_path, read_yaml
 
     data = read_yaml(preset_path("cohort", "default"))
-    base = Path.cwd()
-    source = "defaults"
-    if path is not None:
-        user = read_yaml(path)
-        unknown = sorted(set(user) - set(_TOP))
-        if unknown:
-            raise ConfigError(f"{path}: unknown setting(s) {', '.join(unknown)}; valid: {', '.join(_TOP)}")
-        data = _merge(data, user)
-        base, source = Path(path).resolve().parent, str(path)
+    base, source = Path.cwd(), "defaults"
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if "out" in given:  # a flag is relative to the working folder, not the config's
         given["out"] = Path(given["out"]).resolve()
-    data.update(given)
+    try:
+        if path is not None:
+            base, source = Path(path).absolute().parent, str(path)
+            data = apply_overrides(data, read_yaml(path))
+        for stage in SECTIONS:  # "tile: biopsy" is {"preset": "biopsy"}, so that "tile.x" flags apply
+            if isinstance(data.get(stage), str):
+                data[stage] = {"preset": data[stage]}
+        data = apply_overrides(data, given)
+    except ConfigError as exc:
+        if str(exc).startswith(f"{source}: "):  # read_yaml names the file already
+            raise
+        raise ConfigError(f"{source}: {exc}") from exc
     return from_dict(data, base, source)
 
 
 def from_dict(data: Mapping[str, Any], base: Path, source: str = "config") -> CohortConfig:
     """Build a :class:`CohortConfig` from a mapping; relative paths resolve against ``base``."""
+    import importlib
+
     from wsi_mil.config import from_mapping, load_config
-    from wsi_mil.features.extract import ExtractConfig
-    from wsi_mil.heatmaps.options import HeatmapOptions
-    from wsi_mil.mil.config import load_train_config
-    from wsi_mil.tiling.run import TileConfig
 
-    slides = data.get("slides")
-    if not slides:
-        raise ConfigError(f"{source}: 'slides' is required (a folder, a CSV, or a list of them)")
-    if not data.get("out"):
-        raise ConfigError(f"{source}: 'out' (the cohort output folder) is required")
-    stages = data.get("stages") or ()
-    if isinstance(stages, str):
-        stages = [s.strip() for s in stages.split(",") if s.strip()]
-    bad = sorted(set(stages) - set(STAGES))
-    if bad:
-        raise ConfigError(f"{source}: unknown stage(s) {', '.join(bad)}; valid: {', '.join(STAGES)}")
-    stages = tuple(s for s in STAGES if s in stages)
-    if "train" in stages and not data.get("labels"):
-        raise ConfigError(f"{source}: stage train needs 'labels' (a slide_id,label CSV)")
-    if any(s in stages for s in ("heatmap", "predict")) and "train" not in stages and not data.get("model"):
-        raise ConfigError(f"{source}: heatmap/predict without train need 'model' (a models/<run> folder)")
-    mpp = data.get("mpp")
-    if mpp is not None and (not isinstance(mpp, (int, float)) or mpp <= 0):
-        raise ConfigError(f"{source}: mpp must be a positive number, got {mpp!r}")
-
-    def typed(stage: str, cls: type) -> Any:
-        preset, flat = _section(data.get(stage), f"{source}: {stage}")
-        return load_config(cls, stage, preset, flat)
-
-    t_preset, t_flat = _section(data.get("train"), f"{source}: train")
-    return CohortConfig(
-        slides=tuple(_path(base, s) for s in ([slides] if isinstance(slides, (str, Path)) else slides)),
-        out=_path(base, data["out"]),
-        labels=_path(base, data["labels"]) if data.get("labels") else None,
-        stages=stages,
-        scheduler=str(data["scheduler"]) if data.get("scheduler") else None,
-        mpp=float(mpp) if mpp is not None else None,
-        model=_path(base, data["model"]) if data.get("model") else None,
-        tile=typed("tile", TileConfig),
-        extract=typed("extract", ExtractConfig),
-        train=load_train_config(t_preset or "default", t_flat),
-        heatmap=typed("heatmap", HeatmapOptions),
-        cluster=from_mapping(ClusterConfig, data.get("cluster") or {}, f"{source}: cluster"),
+    values = {k: v for k, v in data.items() if v is not None}  # null: not given
+    if isinstance(values.get("stages"), str):  # "tile, extract" (the --stages flag)
+        values["stages"] = [s.strip() for s in values["stages"].split(",") if s.strip()]
+    for stage, (module, name) in SECTIONS.items():
+        section = values.get(stage)
+        if isinstance(section, str):
+            section = {"preset": section}
+        if not isinstance(section, Mapping | None):
+            raise ConfigError(f"{source}: {stage}: expected a preset name or a mapping of settings, got {section!r}")
+        settings = dict(section or {})
+        preset = settings.pop("preset", None)
+        cls = getattr(importlib.import_module(module), name)
+        values[stage] = load_config(cls, stage, preset, settings, source=source, prefix=stage)
+    cfg = from_mapping(CohortConfig, values, source)
+    return replace(
+        cfg,
+        slides=tuple(_path(base, s) for s in cfg.slides),
+        out=_path(base, cfg.out),
+        labels=_path(base, cfg.labels) if cfg.labels else None,
+        model=_path(base, cfg.model) if cfg.model else None,
+        stages=tuple(s for s in STAGES if s in cfg.stages),  # always in pipeline order
         source=source,
     )

@@ -1,11 +1,9 @@
-"""Typed training configuration, loaded from YAML (``configs/train/default.yaml``)."""
+"""Typed training configuration, loaded from YAML (``configs/train/default.yaml``) by the one loader."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from wsi_mil.errors import ConfigError
@@ -71,101 +69,54 @@ class TrainConfig:
         """Plain nested dict (for YAML/JSON)."""
         return asdict(self)
 
-
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; valid: {', '.join(known)}"
-        )
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _build(type(default), value or {}, f"{where}.{key}")
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}.{key}: expected true/false, got {value!r}")
-            kwargs[key] = value
-        elif isinstance(default, (int, float)) and not isinstance(default, bool):
-            try:
-                kwargs[key] = type(default)(value)
-            except (TypeError, ValueError) as exc:
-                raise ConfigError(f"{where}.{key}: expected a number, got {value!r}") from exc
-        elif isinstance(default, list):
-            if not isinstance(value, list):
-                raise ConfigError(f"{where}.{key}: expected a list, got {value!r}")
-            kwargs[key] = [int(v) for v in value]
-        else:
-            kwargs[key] = str(value)
-    return cls(**kwargs)
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` for values no run can use (the loader calls it)."""
+        checks = (
+            (self.cv.folds >= 2, f"cv.folds must be >= 2, got {self.cv.folds}"),
+            (0.0 < self.cv.val_fraction < 0.5, f"cv.val_fraction must be in (0, 0.5), got {self.cv.val_fraction}"),
+            (self.optim.lr > 0, f"optim.lr must be positive, got {self.optim.lr}"),
+            (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
+            (self.optim.epochs >= 1 and self.optim.batch_size >= 1, "optim.epochs and optim.batch_size must be >= 1"),
+            (0.0 <= self.optim.ema_beta < 1.0, "optim.ema_beta must be in [0, 1)"),
+            (self.optim.omega >= 0, f"optim.omega must be >= 0, got {self.optim.omega}"),
+            (min(self.optim.rampup_epochs, self.optim.patience, self.optim.max_instances) >= 0,
+             "optim.rampup_epochs, optim.patience and optim.max_instances must be >= 0"),
+            (0.0 <= self.model.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.model.dropout}"),
+            (self.model.lam >= 0, f"model.lam must be >= 0, got {self.model.lam}"),
+            (self.model.attention_dim >= 1 and all(h >= 1 for h in self.model.hidden),
+             "model.attention_dim and model.hidden sizes must be >= 1"),
+            (self.num_threads >= 0 and self.num_workers >= 0, "num_threads and num_workers must be >= 0"),
+        )  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
-    """Build a :class:`TrainConfig` from a nested mapping; unknown keys are errors."""
-    cfg = _build(TrainConfig, data, where)
-    validate(cfg, where)
-    return cfg
+    """Build a :class:`TrainConfig` from a nested mapping (:func:`wsi_mil.config.from_mapping`)."""
+    from wsi_mil.config import from_mapping
 
-
-def validate(cfg: TrainConfig, where: str = "config") -> None:
-    """Raise :class:`ConfigError` for values no run can use."""
-    if cfg.cv.folds < 2:
-        raise ConfigError(f"{where}: cv.folds must be >= 2, got {cfg.cv.folds}")
-    if not 0.0 < cfg.cv.val_fraction < 0.5:
-        raise ConfigError(
-            f"{where}: cv.val_fraction must be in (0, 0.5), got {cfg.cv.val_fraction}"
-        )
-    if cfg.optim.epochs < 1 or cfg.optim.batch_size < 1:
-        raise ConfigError(f"{where}: optim.epochs and optim.batch_size must be >= 1")
-    if not 0.0 <= cfg.optim.ema_beta < 1.0:
-        raise ConfigError(f"{where}: optim.ema_beta must be in [0, 1)")
+    return from_mapping(TrainConfig, data, where)
 
 
 def load_train_config(
     path: str | os.PathLike[str] | None = None, overrides: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """Load a YAML config (``yaml.safe_load``) and apply dotted overrides.
+    """Load a YAML config and apply dotted overrides (:func:`wsi_mil.config.load_config`).
 
     Parameters
     ----------
     path : path-like, optional
-        A YAML file or a preset name from ``configs/train/`` (``"default"``); ``None`` uses
-        the built-in defaults (the same values as configs/train/default.yaml).
+        A YAML file or a preset name from ``configs/train/`` (``"default"``, also used
+        when None).
     overrides : dict, optional
         ``{"optim.epochs": 5, "model.name": "attention"}``; flags win over the file.
+
+    Examples
+    --------
+    >>> load_train_config("default", {"optim.epochs": 5, "cv.folds": None}).optim.epochs
+    5
     """
-    import yaml
+    from wsi_mil.config import load_config
 
-    data: dict[str, Any] = {}
-    where = "config"
-    if path is not None and not Path(path).is_file() and not Path(path).suffix:
-        from wsi_mil.config import preset_path  # a preset name such as "default"
-
-        preset = preset_path("train", str(path))
-        if not preset.is_file():
-            raise ConfigError(f"{path}: no such config file or train preset")
-        path = preset
-    if path is not None:
-        where = str(path)
-        try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read config ({exc.strerror or exc})") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})".replace("\n", " ")) from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-        data = data.get("train", data)
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
-        node = data
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return config_from_dict(data, where)
+    return load_config(TrainConfig, "train", path, overrides)
