@@ -37,6 +37,7 @@ def synthetic_out(root: Path, n: int = 3) -> Path:
     """Slides, tiling and heatmaps with scores made up from the ground truth (no model)."""
     from wsi_mil.heatmaps import HeatmapOptions, write_heatmaps
     from wsi_mil.io import h5
+    from wsi_mil.io.layout import Layout
     from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
     from wsi_mil.tiling.run import TileConfig, tile_slide
 
@@ -50,7 +51,7 @@ def synthetic_out(root: Path, n: int = 3) -> Path:
         spec = SyntheticSpec(width=12288, height=9216, tumour=tumour, n_tissue=2 + i % 2, seed=40 + i)
         truth = write_synthetic_slide(slide, spec)
         tile_slide(slide, out, TileConfig(backend="tiffslide"))
-        patches = h5.read_patches(out / "patches" / f"{sid}.h5")
+        patches = h5.read_patches(Layout(out).patches(sid))
         coords, size = patches.coords, patches.patch_size_level0
         rng = np.random.default_rng(i)
         frac = np.array([truth.fraction_in(int(x), int(y), size, "tumour") for x, y in coords])
@@ -63,7 +64,7 @@ def synthetic_out(root: Path, n: int = 3) -> Path:
         )
         q = float(np.clip(0.1 + 0.8 * frac.mean() * 5, 0.02, 0.98))
         rows.append([sid, "tumour" if q > 0.5 else "normal", 1 - q, q, len(coords), "ok", "", str(slide)])
-    with (out / "predictions.csv").open("w", newline="") as fh:
+    with Layout(out).predictions.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(
             ["slide_id", "prediction", "prob_normal", "prob_tumour", "n_patches", "status", "error", "slide_path"]

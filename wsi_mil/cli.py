@@ -217,9 +217,9 @@ def train(
     cfg = load_train_config(config or "default", overrides)
     enc = resolve_encoder(out, encoder)
     run_dir = train_run(out, labels, enc, cfg)
-    import json
+    from wsi_mil.io.run_folder import read_metrics
 
-    summary = json.loads((run_dir / "metrics.json").read_text())["summary"]
+    summary = read_metrics(run_dir)["summary"]
     scores = ", ".join(f"{k} {v['mean']:.3f}±{v['std']:.3f}" for k, v in summary.items())
     typer.echo(f"trained {cfg.model.name} on {enc} ({cfg.cv.folds}-fold CV: {scores}): {run_dir}")
 

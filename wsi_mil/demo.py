@@ -16,17 +16,20 @@ from typing import Any
 
 from wsi_mil.errors import ConfigError, WsiMilError
 from wsi_mil.io.atomic import write_text_atomic
+from wsi_mil.io.layout import Layout
 from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
 
 RUN = "demo"
 ENCODER = "texture"
-#: What the demo in OUT was made with; a re-run with other parameters regenerates or retrains.
-PARAMS_FILE = "demo.json"
 
 
 def _changed(out: Path, params: dict[str, dict[str, Any]]) -> tuple[bool, bool]:
-    """(cohort changed, split changed) against ``OUT/demo.json``; unknown counts as changed."""
-    path = out / PARAMS_FILE
+    """(cohort changed, split changed) against ``OUT/demo.json``; unknown counts as changed.
+
+    ``OUT/demo.json`` records what the demo in OUT was made with; a re-run with other
+    parameters regenerates or retrains.
+    """
+    path = Layout(out).demo_params
     try:
         prev = json.loads(path.read_text()) if path.is_file() else None
     except ValueError:
@@ -129,7 +132,7 @@ def run_demo(
     from sklearn.metrics import roc_auc_score
 
     from wsi_mil.features import extract_cohort
-    from wsi_mil.heatmaps import heatmap_paths
+    from wsi_mil.io.run_folder import is_trained, read_metrics, read_trained
     from wsi_mil.mil import load_train_config, train_run
     from wsi_mil.predict import heatmap_cohort, predict_cohort
     from wsi_mil.synthetic.evaluate import localisation
@@ -138,6 +141,7 @@ def run_demo(
     if not 2 <= n_heldout <= n_slides - 2 * folds:
         raise ConfigError(f"demo: need 2 ≤ n_heldout ≤ n_slides − 2·folds, got {n_heldout} of {n_slides}")
     out = Path(out)
+    layout = Layout(out)
     params = {
         "cohort": {"n_slides": n_slides, "seed": seed, "slide_size": list(slide_size)},
         "split": {"n_heldout": n_heldout, "folds": folds, "epochs": epochs},
@@ -145,15 +149,15 @@ def run_demo(
     new_cohort, new_split = _changed(out, params)
     clock: dict[str, float] = {}
     t = time.perf_counter()
-    echo(f"writing {n_slides} synthetic slides to {out / 'slides'} ...")
-    slides = make_cohort(out / "slides", n_slides, seed=seed, size=slide_size, rewrite=new_cohort)
+    echo(f"writing {n_slides} synthetic slides to {layout.slides_dir} ...")
+    slides = make_cohort(layout.slides_dir, n_slides, seed=seed, size=slide_size, rewrite=new_cohort)
     train, held = slides[:-n_heldout], slides[-n_heldout:]
     clock["slides"] = time.perf_counter() - t
-    run_dir = out / "models" / RUN
+    run_dir = layout.run_dir(RUN)
     if new_split:  # the demo's own run and heatmaps: made for another cohort or split
         import shutil
 
-        for stale in (run_dir, out / "heatmaps" / RUN):
+        for stale in (run_dir, layout.heatmap_dir(RUN)):
             if stale.exists():
                 echo(f"demo parameters changed: removing {stale}")
                 shutil.rmtree(stale)
@@ -166,22 +170,22 @@ def run_demo(
     clock["extract"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    labels = out / "labels.csv"
+    labels = layout.demo_labels
     pd.DataFrame({"slide_id": [p.stem for p in train], "label": [label_of(p) for p in train]}).to_csv(
         labels, index=False
     )
-    if not (run_dir / "model.json").is_file():
+    if not is_trained(run_dir):
         # A validation split needs one slide per class: small cohorts get a larger share.
         val = min(0.45, max(0.2, 2.0 / (len(train) * (folds - 1) / folds)))
         overrides = {"run_name": RUN, "cv.folds": folds, "cv.val_fraction": val, "optim.epochs": epochs}
         cfg = load_train_config("default", overrides)
         train_run(out, labels, ENCODER, cfg, progress=progress)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_metrics(run_dir)
     cv_auc = float(metrics["out_of_fold"]["auc"])
     echo(f"train: {folds}-fold CV on {len(train)} slides, out-of-fold AUC {cv_auc:.3f} → {run_dir}")
     clock["train"] = time.perf_counter() - t
 
-    trained = set(pd.read_csv(run_dir / "splits.csv").slide_id)
+    trained = set(read_trained(run_dir))
     leaked = sorted(trained & {p.stem for p in held})
     if leaked:
         raise WsiMilError(f"{run_dir}: held-out slide(s) {', '.join(leaked)} are in its training splits; remove it")
@@ -199,10 +203,10 @@ def run_demo(
     p_tum = rows.loc[[p.stem for p in ok], "prob_tumour"].to_numpy(float)
     acc = float(np.mean((p_tum >= 0.5) == y)) if ok else float("nan")
     auc = float(roc_auc_score(y, p_tum)) if 0 < y.sum() < len(y) else float("nan")
-    loc = localisation([heatmap_paths(out, RUN, p.stem)["h5"] for p in ok], ok, "tumour")
+    loc = localisation([layout.heatmap_paths(RUN, p.stem)["h5"] for p in ok], ok, "tumour")
     result = DemoResult(len(train), len(held), cv_auc, auc, acc, loc.prob_auc, loc.attention_auc, clock)
-    write_text_atomic(out / "demo_metrics.json", json.dumps(asdict(result), indent=2))
-    write_text_atomic(out / PARAMS_FILE, json.dumps(params, indent=2))  # last: only a finished demo counts
+    write_text_atomic(layout.demo_metrics, json.dumps(asdict(result), indent=2))
+    write_text_atomic(layout.demo_params, json.dumps(params, indent=2))  # last: only a finished demo counts
 
     total = sum(clock.values())
     echo("")
@@ -216,9 +220,9 @@ def run_demo(
     echo(f"outputs in {out}:")
     echo(f"  predictions       {pred.csv}")
     echo(f"  model             {run_dir} (metrics.json, out-of-fold predictions.csv)")
-    echo(f"  heatmaps          {out / 'heatmaps' / RUN} (<id>.png overlay, .tiff pyramid for QuPath, .geojson)")
-    echo(f"  patches, bags     {out / 'patches'}, {out / 'features' / ENCODER / 'h5_files'}")
-    echo(f"  status            {out / 'status.csv'}; metrics {out / 'demo_metrics.json'}")
+    echo(f"  heatmaps          {layout.heatmap_dir(RUN)} (<id>.png overlay, .tiff pyramid for QuPath, .geojson)")
+    echo(f"  patches, bags     {layout.patches_dir}, {layout.bags_dir(ENCODER)}")
+    echo(f"  status            {layout.status_csv}; metrics {layout.demo_metrics}")
     echo(
         f"view slides, heatmaps and patch scores in the browser: wsi-mil view {out}   (then open http://127.0.0.1:8765/)"
     )

@@ -48,6 +48,7 @@ from _common import print_table, save_json
 
 from wsi_mil.cohort import load_cohort_config, run_cohort, status
 from wsi_mil.io.atomic import write_text_atomic
+from wsi_mil.io.layout import Layout
 from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
 
 
@@ -265,13 +266,13 @@ class SqliteStore:
         w = csv.writer(buf)
         w.writerow(status.COLUMNS)
         w.writerows(self.con().execute("SELECT * FROM status ORDER BY stage, slide_id"))
-        write_text_atomic(out / "status.csv", buf.getvalue())
+        write_text_atomic(Layout(out).status_csv, buf.getvalue())
 
 
 def legacy_record(out: Path, sid: str, stage: str, state: str, n: int) -> None:
     """The old status.record: re-read and rewrite the whole status.csv under a flock."""
-    path = out / "status.csv"
-    with open(out / "status.csv.lock", "a") as fh:
+    path = Layout(out).status_csv
+    with open(path.with_name(path.name + ".lock"), "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         rows = []
         if path.exists():

@@ -28,6 +28,7 @@ from wsi_mil.features.reader import PatchStream, ReadPlan, make_groups, make_loa
 from wsi_mil.features.registry import create_encoder
 from wsi_mil.features.runtime import Runner
 from wsi_mil.io import h5
+from wsi_mil.io.layout import Layout
 from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
 from wsi_mil.tiling.run import TileConfig, tile_slide
 
@@ -42,7 +43,7 @@ def make_slide(folder: Path, width: int, height: int) -> tuple[Path, Path]:
             slide, SyntheticSpec(width=width, height=height, n_tissue=3, tumour=True, seed=7)
         )
     out = folder / "out"
-    pfile = out / "patches" / f"{slide.stem}.h5"
+    pfile = Layout(out).patches(slide.stem)
     if not pfile.exists():
         tile_slide(slide, out, TileConfig())
     return slide, pfile
@@ -164,7 +165,7 @@ def main() -> None:
 
     # -- end to end, each bracketed by model-only timings of the same form --------------
     n_e2e = args.e2e_patches or n_all
-    pf_e2e = subset(pfile, n_e2e, args.cache / "e2e" / "patches" / "e2e.h5")
+    pf_e2e = subset(pfile, n_e2e, Layout(args.cache / "e2e").patches("e2e"))
     e2e: dict[str, Any] = {}
     runs = [(eager, 4), (eager, 1)] + ([(best, 4)] if best != eager else [])
     for form, supertile in runs:

@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json
 
 from wsi_mil.heatmaps import HeatmapOptions, render_heatmaps, write_heatmaps
+from wsi_mil.io.layout import Layout
 from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
 
 SLIDE_PX, SLIDE_MPP, PATCH_L0 = 10_240, 4.0, 32  # 32 px at 4 µm/px = 256 px at 0.5 µm/px
@@ -93,7 +94,7 @@ def run_scenario(name: str, out: str, slide: str, n: int) -> dict[str, Any]:
         )
     else:
         t = time.perf_counter()
-        stored = read_heatmap_data(Path(out) / "heatmaps" / "default" / f"{Path(slide).stem}.h5")
+        stored = read_heatmap_data(Layout(out).heatmap_paths("default", Path(slide).stem)["h5"])
         timings["h5"] = time.perf_counter() - t
         paths = render_heatmaps(out, "rerender", stored, slide, options, timings=timings)
     total = time.perf_counter() - t0

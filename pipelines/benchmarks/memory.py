@@ -28,6 +28,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json
 
+from wsi_mil.io.layout import Layout
+from wsi_mil.io.run_folder import PIPELINE_FILE
 from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
 
 #: name -> (width, height, level downsamples, µm/px); the shapes of issue 13.
@@ -147,8 +149,8 @@ def write_slide(path: Path, shape: tuple[int, int, tuple[int, ...], float], seed
 def train_model(work: Path, log: Path) -> Path:
     """A small model on 12 small slides (tile → extract → train, 2 folds); its run folder."""
     out = work / "train"
-    run = out / "models" / "bench"
-    if (run / "pipeline.yaml").exists():
+    run = Layout(out).run_dir("bench")
+    if (run / PIPELINE_FILE).exists():
         return run
     slides = work / "train_slides"
     slides.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json
 
 from wsi_mil.io.h5 import read_patches
+from wsi_mil.io.layout import Layout
 from wsi_mil.synthetic import SyntheticSpec, load_truth, write_synthetic_slide
 from wsi_mil.tiling.run import TileConfig, tile_slide
 
@@ -34,7 +35,7 @@ def quality(slide: Path, out: Path, slide_id: str, min_tissue: float) -> dict[st
     from shapely.geometry import shape
 
     truth = load_truth(slide)
-    pf = read_patches(out / "patches" / f"{slide_id}.h5")
+    pf = read_patches(Layout(out).patches(slide_id))
     size, d = pf.patch_size_level0, truth.downsample
     frac = np.array([truth.fraction_in(int(x), int(y), size) for x, y in pf.coords])
     covered = np.zeros_like(truth.tissue)
@@ -42,7 +43,7 @@ def quality(slide: Path, out: Path, slide_id: str, min_tissue: float) -> dict[st
         covered[y // d : (y + size) // d, x // d : (x + size) // d] = True
     # IoU of the GeoJSON polygons rasterised on the truth grid.
     mask = np.zeros(truth.tissue.shape, np.uint8)
-    for f in json.loads((out / "masks" / f"{slide_id}.geojson").read_text())["features"]:
+    for f in json.loads(Layout(out).mask(slide_id).read_text())["features"]:
         geom = shape(f["geometry"])
         for poly in getattr(geom, "geoms", [geom]):
             if poly.geom_type != "Polygon":

@@ -10,10 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsi_mil.errors import ConfigError
-from wsi_mil.features.extract import ExtractConfig, encoder_dirname, is_extracted
+from wsi_mil.features.extract import ExtractConfig, is_extracted
 from wsi_mil.features.reader import make_groups
 from wsi_mil.features.writer import BagWriter
 from wsi_mil.io import h5
+from wsi_mil.io.layout import encoder_dirname
 
 
 @settings(max_examples=50, deadline=None)

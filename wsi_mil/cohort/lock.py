@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from wsi_mil.errors import WsiMilError
-
-LOCK_NAME = ".wsi-mil.lock"
+from wsi_mil.io.layout import LOCK as LOCK_NAME
 
 # Folders this process already holds (or writes on behalf of): nested calls re-enter.
 _held: dict[Path, int] = {}

@@ -22,6 +22,7 @@ from wsi_mil.cohort.config import CohortConfig
 from wsi_mil.cohort.executors import Job, open_executor
 from wsi_mil.cohort.runner import SlideOutcome
 from wsi_mil.errors import WsiMilError
+from wsi_mil.io.layout import Layout
 
 COUNTED = ("done", "empty", "skipped", "failed", "not_retried", "blocked")
 
@@ -186,9 +187,9 @@ def run_cohort(
         n_clean = clean_partials(out)
         if n_clean:
             echo(f"removed {n_clean} incomplete file(s) left by an interrupted run")
-        dump_config(out / "run_config.yaml", cfg.to_dict())
+        dump_config(Layout(out).run_config, cfg.to_dict())
         if "tile" in cfg.stages:
-            dump_config(out / "tile_config.yaml", {"tile": cfg.tile})
+            dump_config(Layout(out).tile_config, {"tile": cfg.tile})
         summary = RunSummary(out, n_slides=len(inputs))
         summary.run_dir = _run_dir(cfg)
         try:
@@ -211,6 +212,7 @@ def run_cohort(
                         if time.monotonic() - exported > EXPORT_EVERY_S:
                             status.export_status(out)
                             exported = time.monotonic()
+                ex.clean_partials(str(out))  # killed workers' partials on the other hosts
             if any(s in cfg.stages for s in ("heatmap", "predict")) and summary.run_dir is not None:
                 _write_tables(cfg, summary, echo)
             clean_partials(out)
@@ -231,12 +233,12 @@ def _stage_names(cfg: CohortConfig) -> list[str]:
 
 def _run_dir(cfg: CohortConfig) -> Path | None:
     if "train" in cfg.stages:
-        return Path(cfg.out) / "models" / _run_name(cfg)
+        return Layout(cfg.out).run_dir(_run_name(cfg))
     return Path(cfg.model) if cfg.model else None
 
 
 def _run_name(cfg: CohortConfig) -> str:
-    from wsi_mil.features.extract import encoder_dirname
+    from wsi_mil.io.layout import encoder_dirname
 
     return cfg.train.run_name or f"{encoder_dirname(cfg.extract.encoder)}_{cfg.train.model.name}"
 
@@ -367,12 +369,12 @@ class _bars:  # noqa: N801 - used like a function
 def _write_tables(cfg: CohortConfig, summary: RunSummary, echo: Callable[[str], None]) -> None:
     """``OUT/heatmaps/<run>/index.csv`` (every slide) and, for ``predict``, ``OUT/predictions.csv``."""
     from wsi_mil.predict import write_predictions_csv
-    from wsi_mil.predict.cohort import INDEX_FILE, mark_trained_on, merge_index
+    from wsi_mil.predict.cohort import mark_trained_on, merge_index
 
     run_dir = summary.run_dir
     if run_dir is None:
         return
-    index = Path(cfg.out) / "heatmaps" / run_dir.name / INDEX_FILE
+    index = Layout(cfg.out).heatmap_index(run_dir.name)
     new: list[dict[str, Any]] = []
     for o in summary.outcomes:
         if o.stage != "heatmap":
@@ -388,5 +390,5 @@ def _write_tables(cfg: CohortConfig, summary: RunSummary, echo: Callable[[str], 
     write_predictions_csv(rows, index)
     if "predict" in cfg.stages:
         unseen = [r for r in rows if not r["trained_on"]]
-        path = write_predictions_csv(unseen, Path(cfg.out) / "predictions.csv")
+        path = write_predictions_csv(unseen, Layout(cfg.out).predictions)
         echo(f"predictions of {len(unseen)} slide(s) the model did not train on → {path}")

@@ -30,11 +30,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 from wsi_mil.io.atomic import host_tag, write_text_atomic
+from wsi_mil.io.layout import STATUS_CSV as CSV_NAME
+from wsi_mil.io.layout import STATUS_STORE as STORE_DIR
 
 COLUMNS = ("slide_id", "stage", "state", "reason", "n_patches", "seconds", "detail", "worker", "updated")
 STATES = ("done", "empty", "failed", "skipped")
-STORE_DIR = ".status"
-CSV_NAME = "status.csv"
 
 _counter = itertools.count()
 _ready: set[str] = set()  # stage folders known to exist, per process

@@ -154,21 +154,23 @@ def extract_task(
 
     from wsi_mil.config import dump_config, from_mapping
     from wsi_mil.features.cohort import STAGE, extract_one
-    from wsi_mil.features.extract import ExtractConfig, bag_inputs, bag_path, encoder_dirname, is_extracted
+    from wsi_mil.features.extract import ExtractConfig, bag_inputs, is_extracted
+    from wsi_mil.io.layout import Layout
 
     stop = blocked(sid, STAGE, upstream)
     if stop is not None:
         return stop
     outp = Path(out)
+    layout = Layout(outp)
     cfg = from_mapping(ExtractConfig, extract_cfg, "extract")
 
     def complete() -> bool:  # finished, and made from this patch file with this encoder and precision
         from wsi_mil.io import h5
 
-        patches = h5.read_patches(outp / "patches" / f"{sid}.h5")
+        patches = h5.read_patches(layout.patches(sid))
         runner = cached_runner(cfg)
         return is_extracted(
-            bag_path(outp, cfg.encoder, sid), runner.encoder.weights_id, len(patches.coords),
+            layout.bag(cfg.encoder, sid), runner.encoder.weights_id, len(patches.coords),
             bag_inputs(patches.attrs, runner),
         )
 
@@ -182,7 +184,7 @@ def extract_task(
         run_cfg = cfg
         if multiprocessing.current_process().daemon:  # a daemonic Dask worker cannot fork readers
             run_cfg = replace(cfg, workers=0)
-        desc = outp / "features" / encoder_dirname(cfg.encoder) / "extract_config.yaml"
+        desc = layout.extract_config(cfg.encoder)
         if not desc.exists():
             dump_config(desc, {"extract": cfg, "encoder": {**runner.encoder.attrs(), **runner.describe()}})
         return extract_one(outp, sid, runner, run_cfg, overwrite=overwrite)
@@ -204,11 +206,12 @@ def train_task(
     threads: int = 0,
 ) -> SlideOutcome:
     """Train the MIL run on every labelled slide of the cohort that has a non-empty bag."""
+    from wsi_mil.io.layout import Layout
     from wsi_mil.mil.config import config_from_dict
 
     outp = Path(out)
     cfg = config_from_dict(dict(train_cfg), "train")
-    run_dir = outp / "models" / cfg.run_name
+    run_dir = Layout(outp).run_dir(cfg.run_name)
     if run_dir.is_dir():  # written atomically: it exists only complete
         stale = _stale_run(run_dir, outp, labels, encoder, cfg, bags, cohort_ids)
         if stale:
@@ -226,7 +229,7 @@ def train_task(
         import torch
 
         from wsi_mil.cohort.lock import delegated
-        from wsi_mil.features.extract import encoder_dirname
+        from wsi_mil.io.layout import encoder_dirname
         from wsi_mil.mil.data import read_labels, write_labels
         from wsi_mil.mil.train import train_run
 
@@ -234,7 +237,7 @@ def train_task(
         usable, left_out = _usable(table, outp, encoder, bags, cohort_ids)
         if not usable:
             raise ValueError(f"{labels}: no labelled slide of the cohort has a feature bag")
-        csv = outp / "train_labels.csv"
+        csv = Layout(outp).train_labels
         write_labels(csv, table, usable)  # case_id kept: folds stay grouped by patient
         torch.set_num_threads(threads if threads > 0 else max(1, len(os.sched_getaffinity(0))))
         with delegated(outp):  # train_run takes OUT's lock, which the run that sent this task holds
@@ -251,13 +254,13 @@ def _usable(
     table: Any, outp: Path, encoder: str, bags: Sequence[SlideOutcome | None], cohort_ids: Sequence[str]
 ) -> tuple[list[int], list[int]]:
     """Rows of the label table to train on (in the cohort, with a non-empty bag) and the others."""
-    from wsi_mil.features.extract import bag_path
+    from wsi_mil.io.layout import Layout
 
     upstream = {b.slide_id: b for b in bags if b is not None}
     usable, left_out = [], []
     for i, sid in enumerate(table.slide_ids):
         b = upstream.get(sid)
-        ok = sid in cohort_ids and (b is None or b.state in READY) and _n_rows(bag_path(outp, encoder, sid)) > 0
+        ok = sid in cohort_ids and (b is None or b.state in READY) and _n_rows(Layout(outp).bag(encoder, sid)) > 0
         (usable if ok else left_out).append(i)
     return usable, left_out
 
@@ -272,23 +275,22 @@ def _stale_run(
     cohort_ids: Sequence[str],
 ) -> str:
     """Why an existing run folder was not made from these bags, labels and settings ("" if it was)."""
-    import json
-
     from wsi_mil.errors import WsiMilError
-    from wsi_mil.features.extract import bag_path
     from wsi_mil.io.h5 import read_bag
+    from wsi_mil.io.layout import Layout
     from wsi_mil.io.provenance import digest
+    from wsi_mil.io.run_folder import read_model_spec
     from wsi_mil.mil.data import LabelTable, read_labels
     from wsi_mil.mil.train import run_inputs
 
     try:
-        made = json.loads((run_dir / "model.json").read_text()).get("provenance", "")
+        made = read_model_spec(run_dir).get("provenance", "")
         table = read_labels(labels)
         usable, _ = _usable(table, outp, encoder, bags, cohort_ids)
         sub = LabelTable(
             [table.slide_ids[i] for i in usable], table.y[usable], table.classes, [table.case_ids[i] for i in usable]
         )
-        attrs = [read_bag(bag_path(outp, encoder, s), load_features=False).attrs for s in sub.slide_ids]
+        attrs = [read_bag(Layout(outp).bag(encoder, s), load_features=False).attrs for s in sub.slide_ids]
     except (OSError, ValueError, WsiMilError) as exc:
         return f"{run_dir}: cannot check how it was trained ({exc}); give the run another run_name"
     if made == digest(run_inputs(sub, attrs, cfg)):
@@ -325,7 +327,7 @@ def heatmap_task(
     slots_by_host: Mapping[str, int] | None = None,
 ) -> SlideOutcome:
     """Diagnose one slide with the run and write its heatmaps (``OUT/heatmaps/<run>/<id>.*``)."""
-    from wsi_mil.heatmaps.write import heatmap_paths
+    from wsi_mil.io.layout import Layout
 
     stage = "heatmap"
     if trained is not None and trained.state not in READY:
@@ -334,7 +336,7 @@ def heatmap_task(
     if stop is not None:
         return stop
     outp, run = Path(out), Path(run_dir).name
-    paths = heatmap_paths(outp, run, sid)
+    paths = Layout(outp).heatmap_paths(run, sid)
     early = gate(outp, sid, stage, retry_failed, lambda: paths["h5"].is_file() and paths["png"].is_file())
     if early is not None:
         if early.state == "skipped":

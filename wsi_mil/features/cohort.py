@@ -15,13 +15,11 @@ from wsi_mil.features.extract import (
     ExtractConfig,
     ExtractResult,
     bag_inputs,
-    bag_path,
-    encoder_dirname,
     extract_slide,
     is_extracted,
-    pt_path,
 )
 from wsi_mil.io import h5
+from wsi_mil.io.layout import Layout
 from wsi_mil.io.provenance import check
 
 if TYPE_CHECKING:
@@ -96,16 +94,17 @@ def extract_cohort(
     given = {**(overrides or {}), "encoder": encoder, "weights": weights}
     cfg = load_config(ExtractConfig, "extract", config, given)
     out = Path(out)
-    patch_dir = out / "patches"
+    layout = Layout(out)
+    patch_dir = layout.patches_dir
     ids = slide_ids if slide_ids is not None else sorted(p.stem for p in patch_dir.glob("*.h5"))
     if not ids:
         raise WsiMilError(f"{patch_dir}: no patch files; run `wsi-mil tile ... --out {out}` first")
     enc = create_encoder(cfg.encoder, weights=cfg.weights)
     runner = Runner(enc, cfg.device, cfg.precision, cfg.fold_bn, cfg.channels_last, cfg.compile)
-    feat_dir = out / "features" / encoder_dirname(cfg.encoder)
+    feat_dir = layout.features_dir(cfg.encoder)
     feat_dir.mkdir(parents=True, exist_ok=True)
     dump_config(
-        feat_dir / "extract_config.yaml",
+        layout.extract_config(cfg.encoder),
         {
             "extract": cfg,
             "encoder": {**enc.attrs(), **runner.describe()},
@@ -153,10 +152,12 @@ def extract_one(
     progress : bool
         Show a bar over the slide's patches.
     """
-    pfile = out / "patches" / f"{sid}.h5"
-    bag = bag_path(out, cfg.encoder, sid)
+    layout = Layout(out)
+    pfile = layout.patches(sid)
+    bag = layout.bag(cfg.encoder, sid)
+    pt = layout.pt(cfg.encoder, sid)
     n_tiled = _n_coords(pfile)
-    pt_ok = not cfg.pt or pt_path(out, cfg.encoder, sid).exists()
+    pt_ok = not cfg.pt or pt.exists()
     if not overwrite and is_extracted(bag):
         # A finished bag is reused only if made from this patch file with this encoder,
         # weights and precision; one made differently is refused, naming what changed.
@@ -165,7 +166,7 @@ def extract_one(
             return SlideOutcome(sid, STAGE, "skipped")
     with _bar(sid, n_tiled, progress) as tick:
         res = extract_slide(
-            pfile, bag, runner, cfg, pt=pt_path(out, cfg.encoder, sid) if cfg.pt else None, progress=tick
+            pfile, bag, runner, cfg, pt=pt if cfg.pt else None, progress=tick
         )
     detail = f"{res.patches_per_s:.1f} patches/s; {cfg.encoder}"
     note = ""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from wsi_mil.features.runtime import Runner
 from wsi_mil.features.writer import ATTR_COMPLETE, BagWriter
 from wsi_mil.io import h5
 from wsi_mil.io.atomic import atomic_path
+from wsi_mil.io.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -104,19 +104,14 @@ def resolve_workers(workers: int, cuda: bool) -> int:
     return min(8, os.cpu_count() or 1) if cuda else 2
 
 
-def encoder_dirname(name: str) -> str:
-    """Folder name of an encoder (``hf-hub:MahmoodLab/UNI`` → ``hf-hub_MahmoodLab_UNI``)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "encoder"
-
-
 def bag_path(out: str | Path, encoder: str, slide_id: str) -> Path:
-    """``OUT/features/<encoder>/h5_files/<id>.h5``."""
-    return Path(out) / "features" / encoder_dirname(encoder) / "h5_files" / f"{slide_id}.h5"
+    """``OUT/features/<encoder>/h5_files/<id>.h5`` (:meth:`~wsi_mil.io.layout.Layout.bag`)."""
+    return Layout(out).bag(encoder, slide_id)
 
 
 def pt_path(out: str | Path, encoder: str, slide_id: str) -> Path:
-    """``OUT/features/<encoder>/pt_files/<id>.pt`` (CLAM's torch tensors)."""
-    return Path(out) / "features" / encoder_dirname(encoder) / "pt_files" / f"{slide_id}.pt"
+    """``OUT/features/<encoder>/pt_files/<id>.pt`` (:meth:`~wsi_mil.io.layout.Layout.pt`)."""
+    return Layout(out).pt(encoder, slide_id)
 
 
 def bag_inputs(patch_attrs: dict[str, Any], runner: Runner) -> dict[str, Any]:

@@ -13,27 +13,20 @@ from wsi_mil.errors import SlideError, WsiMilError
 from wsi_mil.heatmaps.options import HeatmapOptions
 from wsi_mil.io import h5
 from wsi_mil.io.h5 import HeatmapData
+from wsi_mil.io.layout import HEATMAP_OUTPUTS, Layout
 
 #: Keys of the dict :func:`write_heatmaps` returns.
-OUTPUTS = ("h5", "png", "tiff", "geojson", "gallery", "zarr")
+OUTPUTS = HEATMAP_OUTPUTS
 
 
 def heatmap_dir(out: str | Path, run: str) -> Path:
-    """``OUT/heatmaps/<run>``."""
-    return Path(out) / "heatmaps" / run
+    """``OUT/heatmaps/<run>`` (:meth:`~wsi_mil.io.layout.Layout.heatmap_dir`)."""
+    return Layout(out).heatmap_dir(run)
 
 
 def heatmap_paths(out: str | Path, run: str, slide_id: str) -> dict[str, Path]:
-    """Where each output of a slide goes (the gallery sits in ``galleries/``)."""
-    d = heatmap_dir(out, run)
-    return {
-        "h5": d / f"{slide_id}.h5",
-        "png": d / f"{slide_id}.png",
-        "tiff": d / f"{slide_id}.tiff",
-        "geojson": d / f"{slide_id}.geojson",
-        "gallery": d / "galleries" / f"{slide_id}.png",
-        "zarr": d / f"{slide_id}.zarr",
-    }
+    """Where each output of a slide goes (:meth:`~wsi_mil.io.layout.Layout.heatmap_paths`)."""
+    return Layout(out).heatmap_paths(run, slide_id)
 
 
 def make_heatmap_data(
@@ -211,7 +204,7 @@ def render_heatmaps(
         smooth_sigma_level0=options.smooth_um / slide_mpp,
     )
     clip, tissue = options.clip, None
-    mask_path = Path(out) / "masks" / f"{sid}.geojson"
+    mask_path = Layout(out).mask(sid)
     if clip in ("auto", "tissue"):
         if mask_path.exists():
             tissue = rasterise_polygons(read_tissue_polygons(mask_path), width, height)
@@ -234,7 +227,7 @@ def render_heatmaps(
             thumb = read_thumbnail(slide, options.png_max)
         else:
             thumb = _stored_thumbnail(
-                Path(out) / "thumbnails" / f"{sid}.png",
+                Layout(out).thumbnail(sid),
                 thumbnail_size(width, height, options.png_max),
             )
         overlay_png = Overlay(grid, lut_png, clip, tissue, interp)

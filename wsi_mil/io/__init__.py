@@ -1,1 +1,1 @@
-"""File formats and atomic writes: HDF5 bags, GeoJSON, status tables."""
+"""File formats and atomic writes: OUT's layout, the run folder, HDF5 bags, GeoJSON, provenance."""

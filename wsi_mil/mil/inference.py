@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,12 +64,10 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
     """
     from safetensors.torch import load_file
 
+    from wsi_mil.io.run_folder import read_model_spec
+
     run_dir = Path(run_dir)
-    spec_path = run_dir / "model.json"
-    try:
-        spec = json.loads(spec_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{spec_path}: not a trained wsi-mil run ({exc})") from exc
+    spec = read_model_spec(run_dir)
     models = []
     for ckpt in spec["checkpoints"]:
         model = create_model(spec["model"], spec["in_dim"], spec["n_classes"], **spec["kwargs"])

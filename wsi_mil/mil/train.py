@@ -1,23 +1,11 @@
 """Stage 3 training: stratified k-fold CV grouped by case, selection on validation only, fold ensemble.
 
-``train_run`` writes ``OUT/models/<run>/``::
-
-    config.yaml          resolved TrainConfig (+ encoder, labels path)
-    pipeline.yaml        tiling and extraction settings of the bags (what predict reuses)
-    model.json           how to rebuild the model: name, kwargs, in_dim, classes, folds
-    fold_<k>.safetensors weights chosen on fold k's validation split
-    splits.csv           case_id, slide_id, fold, split (train / val / test); a case never spans splits
-    history.csv          per fold and epoch: train loss terms, validation loss and error
-    metrics.json         per-fold test metrics and their mean/std, out-of-fold metrics, and
-                         the same per case under "case"
-    predictions.csv      out-of-fold: case_id, slide_id, label, fold, prediction, prob_<class>...
-    case_predictions.csv out-of-fold per case (mean of its slides' probabilities)
+``train_run`` writes ``OUT/models/<run>/``; its files are listed in :mod:`wsi_mil.io.run_folder`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -32,8 +20,8 @@ from torch.utils.data import DataLoader
 
 from wsi_mil.cohort.lock import locks_output
 from wsi_mil.errors import ConfigError
-from wsi_mil.io.atomic import atomic_path
 from wsi_mil.io.h5 import read_bag
+from wsi_mil.io.layout import Layout
 from wsi_mil.io.provenance import PROVENANCE, SLIDE_FINGERPRINT, changes, digest, recorded, settings_only
 from wsi_mil.mil.config import TrainConfig
 from wsi_mil.mil.data import BagDataset, LabelTable, bag_paths, collate_bags, feature_stats, read_labels
@@ -318,14 +306,13 @@ def run_inputs(labels: LabelTable, bag_attrs: Sequence[dict[str, Any]], cfg: Tra
 
 def resolve_encoder(out_dir: str | os.PathLike[str], encoder: str | None) -> str:
     """The feature folder to train on: ``encoder``, or the only one under ``OUT/features``."""
-    root = Path(out_dir) / "features"
-    found = sorted(p.parent.name for p in root.glob("*/h5_files")) if root.is_dir() else []
+    layout = Layout(out_dir)
+    root = layout.features_root
+    found = layout.encoder_folders()
     if encoder:
         if encoder not in found:
             listed = ", ".join(found) or "none"
-            raise ConfigError(
-                f"{root / encoder / 'h5_files'}: no such feature folder; found: {listed}"
-            )
+            raise ConfigError(f"{layout.bags_dir(encoder)}: no such feature folder; found: {listed}")
         return encoder
     if len(found) != 1:
         what = "no feature folders" if not found else "several encoders: " + ", ".join(found)
@@ -374,16 +361,15 @@ def train_run(
     >>> ens = load_model(run_dir)  # doctest: +SKIP
     """
     import pandas as pd
-    import yaml
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from wsi_mil.predict.settings import PIPELINE_FILE, collect_settings
+    from wsi_mil.io.run_folder import checkpoint_name, collect_settings, write_run
 
     cfg = config or TrainConfig()
     out_dir = Path(out_dir)
+    layout = Layout(out_dir)
     labels = read_labels(labels_csv)
-    paths = bag_paths(out_dir / "features" / encoder / "h5_files", labels.slide_ids)
+    paths = bag_paths(layout.bags_dir(encoder), labels.slide_ids)
     bags = [read_bag(p, load_features=False) for p in paths]  # attributes and coords only
     first = bags[0]
     in_dim = int(first.features.shape[1])
@@ -394,7 +380,7 @@ def train_run(
         torch.set_num_threads(cfg.num_threads)
     K = len(labels.classes)
     kwargs = model_kwargs(cfg)
-    run_dir = out_dir / "models" / _run_name(cfg, encoder)
+    run_dir = layout.run_dir(_run_name(cfg, encoder))
     if run_dir.exists():
         raise ConfigError(f"{run_dir}: run folder already exists; choose another run_name")
 
@@ -494,7 +480,7 @@ def train_run(
         "classes": labels.classes,
         "encoder": encoder,
         "folds": len(folds),
-        "checkpoints": [f"fold_{k}.safetensors" for k in range(len(folds))],
+        "checkpoints": [checkpoint_name(k) for k in range(len(folds))],
         "ensemble": "mean of the fold models' probabilities",
         "bag_settings": digest(bag_settings) if bag_settings is not None else "",
         "provenance": digest(run_inputs(labels, [b.attrs for b in bags], cfg)),
@@ -514,17 +500,15 @@ def train_run(
     resolved = {**cfg.to_dict(), "encoder": encoder, "labels_csv": str(labels_csv)}
     pipeline = collect_settings(out_dir, encoder, first.attrs)
     pipeline["bag_settings"] = bag_settings
-    with atomic_path(run_dir) as tmp:
-        tmp.unlink()
-        tmp.mkdir()
-        for k, st in enumerate(states):
-            save_file(st, str(tmp / f"fold_{k}.safetensors"), metadata={"fold": str(k)})
-        (tmp / "model.json").write_text(json.dumps(model_json, indent=2))
-        (tmp / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        (tmp / PIPELINE_FILE).write_text(yaml.safe_dump(pipeline, sort_keys=False))
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        pred.to_csv(tmp / "predictions.csv", index=False)
-        case_pred.to_csv(tmp / "case_predictions.csv", index=False)
-        pd.DataFrame(split_rows).to_csv(tmp / "splits.csv", index=False)
-        pd.DataFrame(histories).to_csv(tmp / "history.csv", index=False)
-    return run_dir
+    return write_run(
+        run_dir,
+        states=states,
+        model_spec=model_json,
+        config=resolved,
+        pipeline=pipeline,
+        metrics=metrics,
+        predictions=pred,
+        case_predictions=case_pred,
+        splits=split_rows,
+        history=histories,
+    )

@@ -5,8 +5,8 @@ per-slide task that ``wsi-mil run`` fans out); :func:`predict_cohort` tiles and 
 new slides with the model's own settings first; :func:`heatmap_cohort` renders stored bags.
 """
 
+from wsi_mil.io.run_folder import ModelSettings, load_settings
 from wsi_mil.predict.cohort import PredictSummary, heatmap_cohort, predict_cohort
-from wsi_mil.predict.settings import ModelSettings, load_settings
 from wsi_mil.predict.slide import predict_slide, resolve_heatmap_options, write_predictions_csv
 
 __all__ = [

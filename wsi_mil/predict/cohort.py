@@ -11,12 +11,12 @@ from typing import Any
 from wsi_mil.cohort import status
 from wsi_mil.cohort.lock import locks_output
 from wsi_mil.errors import WsiMilError
-from wsi_mil.predict.settings import RUNTIME_FIELDS, load_settings
-from wsi_mil.predict.slide import PREDICTIONS_FILE, predict_slide, resolve_heatmap_options, write_predictions_csv
+from wsi_mil.io.layout import Layout
+from wsi_mil.io.run_folder import load_settings, read_trained
+from wsi_mil.predict.settings import RUNTIME_FIELDS
+from wsi_mil.predict.slide import predict_slide, resolve_heatmap_options, write_predictions_csv
 
 STAGE = "predict"
-INDEX_FILE = "index.csv"
-CASE_PREDICTIONS_FILE = "case_predictions.csv"
 
 
 @dataclass
@@ -151,15 +151,9 @@ def mark_trained_on(rows: list[dict[str, Any]], run_dir: Path) -> list[str]:
     to share a training slide's name is not in-sample; where either side has no
     fingerprint (runs or bags from older versions) the id alone decides. Returns those ids.
     """
-    import csv
-
     from wsi_mil.io.provenance import SLIDE_FINGERPRINT
 
-    splits = run_dir / "splits.csv"
-    trained: dict[str, str] = {}
-    if splits.is_file():
-        with splits.open(newline="", encoding="utf-8") as fh:
-            trained = {r["slide_id"]: r.get(SLIDE_FINGERPRINT) or "" for r in csv.DictReader(fh)}
+    trained = read_trained(run_dir)
     for row in rows:
         sid, mine = row["slide_id"], str(row.get(SLIDE_FINGERPRINT) or "")
         theirs = trained.get(sid)
@@ -257,12 +251,12 @@ def predict_cohort(
         )
     cases = {i.slide_id: i.case_id for i in inputs if i.case_id}
     if cases:
-        summary.case_csv = _write_case_predictions(summary.rows, cases, run_dir, out / CASE_PREDICTIONS_FILE)
-    summary.csv = write_predictions_csv(summary.rows, out / PREDICTIONS_FILE)
+        summary.case_csv = _write_case_predictions(summary.rows, cases, run_dir, Layout(out).case_predictions)
+    summary.csv = write_predictions_csv(summary.rows, Layout(out).predictions)
     ok = len(summary.rows) - len(summary.failed)
     echo(
         f"predict: {ok} slide(s) diagnosed, {len(summary.failed)} failed → {summary.csv}; "
-        f"heatmaps in {out / 'heatmaps' / settings.run}"
+        f"heatmaps in {Layout(out).heatmap_dir(settings.run)}"
     )
     return summary
 
@@ -288,25 +282,23 @@ def heatmap_cohort(
     --------
     >>> heatmap_cohort("cohort", "cohort/models/run1", heatmap_overrides={"zarr": True})  # doctest: +SKIP
     """
-
-    from wsi_mil.features.extract import encoder_dirname
-
     out, run_dir = Path(out), Path(run_dir)
+    layout = Layout(out)
     settings = load_settings(run_dir)
     options = resolve_heatmap_options(heatmap_config, heatmap_overrides)
     _check_score(options, run_dir)
-    bag_dir = out / "features" / encoder_dirname(settings.encoder) / "h5_files"
+    bag_dir = layout.bags_dir(settings.encoder)
     ids = slide_ids if slide_ids is not None else sorted(p.stem for p in bag_dir.glob("*.h5"))
     if not ids:
         raise WsiMilError(f"{bag_dir}: no feature bags; run `wsi-mil extract --out {out}` first")
     echo(f"heatmap: {len(ids)} slide(s) with {settings.run}")
     summary = PredictSummary()
     _diagnose(out, run_dir, [(sid, None) for sid in ids], options, summary, echo, progress)
-    hm_dir = out / "heatmaps" / settings.run
+    hm_dir = layout.heatmap_dir(settings.run)
     hm_dir.mkdir(parents=True, exist_ok=True)
     # Rendering a subset updates its rows; the index keeps every slide rendered before.
-    rows = merge_index(summary.rows, hm_dir / INDEX_FILE)
+    rows = merge_index(summary.rows, layout.heatmap_index(settings.run))
     mark_trained_on(rows, run_dir)
-    summary.csv = write_predictions_csv(rows, hm_dir / INDEX_FILE)
+    summary.csv = write_predictions_csv(rows, layout.heatmap_index(settings.run))
     echo(f"heatmap: {len(summary.rows) - len(summary.failed)} done, {len(summary.failed)} failed → {hm_dir}")
     return summary

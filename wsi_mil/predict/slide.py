@@ -13,8 +13,6 @@ import numpy as np
 from wsi_mil.errors import BagError, SlideError
 from wsi_mil.io.provenance import SLIDE_FINGERPRINT
 
-PREDICTIONS_FILE = "predictions.csv"
-
 
 @functools.lru_cache(maxsize=4)
 def cached_model(run_dir: str) -> Any:
@@ -79,15 +77,15 @@ def predict_slide(
     >>> row = predict_slide("out", "out/models/run1", "case-1")  # doctest: +SKIP
     >>> row["prediction"], row["prob_tumour"]  # doctest: +SKIP
     """
-    from wsi_mil.features.extract import bag_path
     from wsi_mil.heatmaps import HeatmapOptions, write_heatmaps
     from wsi_mil.io.h5 import read_bag
+    from wsi_mil.io.layout import Layout
+    from wsi_mil.io.run_folder import load_settings
     from wsi_mil.mil.inference import predict_bag
-    from wsi_mil.predict.settings import load_settings
 
     run_dir = Path(run_dir)
     settings = load_settings(run_dir)
-    path = bag_path(out, settings.encoder, slide_id)
+    path = Layout(out).bag(settings.encoder, slide_id)
     if not path.is_file():
         raise BagError(f"{path}: no feature bag for {slide_id}; extract it with {settings.encoder} first")
     bag = read_bag(path)

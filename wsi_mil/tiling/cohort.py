@@ -13,6 +13,7 @@ from wsi_mil.cohort.lock import locks_output
 from wsi_mil.cohort.runner import SlideOutcome, StageSummary, run_slides
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
+from wsi_mil.io.layout import Layout
 from wsi_mil.tiling.run import TileConfig, TileResult, check_tiled, is_tiled, tile_inputs, tile_slide
 
 STAGE = "tile"
@@ -112,7 +113,7 @@ def tile_cohort(
     if not inputs:
         raise WsiMilError(f"no slides found in {', '.join(map(str, slides))}")
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(out / "tile_config.yaml", {"tile": cfg})
+    dump_config(Layout(out).tile_config, {"tile": cfg})
     summary = CohortSummary()
     by_id = {item.slide_id: item for item in inputs}
     run_slides(  # under OUT's lock (locks_output), as is the config written above

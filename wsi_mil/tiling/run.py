@@ -11,6 +11,7 @@ import numpy as np
 
 from wsi_mil.errors import ConfigError, SlideError
 from wsi_mil.io import h5
+from wsi_mil.io.layout import Layout
 from wsi_mil.tiling.grid import box_fractions, grid_coords, patch_geometry
 from wsi_mil.tissue.segment import SegmentConfig, segment_tissue
 
@@ -70,8 +71,8 @@ class TileResult:
 
 
 def patches_path(out: Path, slide_id: str) -> Path:
-    """``OUT/patches/<id>.h5``."""
-    return Path(out) / "patches" / f"{slide_id}.h5"
+    """``OUT/patches/<id>.h5`` (:meth:`~wsi_mil.io.layout.Layout.patches`)."""
+    return Layout(out).patches(slide_id)
 
 
 def tile_inputs(cfg: TileConfig, slide_path: str | Path, mpp: float | None = None) -> dict[str, Any]:
@@ -207,12 +208,13 @@ def tile_slide(
     }
     inputs = tile_inputs(cfg, path, mpp)
     attrs.update(stamp(inputs), **{SLIDE_FINGERPRINT: inputs["slide"]})
-    h5.write_patches(patches_path(out, sid), coords, attrs)
+    layout = Layout(out)
+    h5.write_patches(layout.patches(sid), coords, attrs)
     tol = cfg.simplify_um / slide_mpp.mean
-    write_geojson(out / "masks" / f"{sid}.geojson", tissue_feature_collection(tissue.polygons, tol))
+    write_geojson(layout.mask(sid), tissue_feature_collection(tissue.polygons, tol))
     thumb, tscale = _thumbnail(rgb, scale, cfg.thumbnail_max)
     write_png(
-        out / "thumbnails" / f"{sid}.png", draw_thumbnail(thumb, tscale, tissue.polygons, coords, geom.size_level0)
+        layout.thumbnail(sid), draw_thumbnail(thumb, tscale, tissue.polygons, coords, geom.size_level0)
     )
     timings["write"] = time.perf_counter() - t
     return TileResult(sid, "done" if len(coords) else "empty", len(coords), slide_mpp.mean, slide_mpp.source, timings)

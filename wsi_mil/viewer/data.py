@@ -18,6 +18,8 @@ import numpy as np
 from wsi_mil.errors import WsiMilError
 from wsi_mil.io import h5
 from wsi_mil.io.h5 import HeatmapData
+from wsi_mil.io.layout import Layout
+from wsi_mil.io.run_folder import CONFIG_FILE, PREDICTIONS_FILE
 
 #: The score key of attention; class k has the key ``prob<k>``.
 ATTENTION = "attention"
@@ -81,7 +83,7 @@ class SlideRecord:
 
 def list_runs(out: Path) -> list[str]:
     """Runs with heatmaps (``OUT/heatmaps/<run>/`` holding ``*.h5``), newest first."""
-    root = out / "heatmaps"
+    root = Layout(out).heatmaps_root
     if not root.is_dir():
         return []
     runs = [d for d in root.iterdir() if d.is_dir() and any(d.glob("*.h5"))]
@@ -110,7 +112,7 @@ def _labels_csv(out: Path, run: str | None) -> Path | None:
     """The labels CSV named in ``models/<run>/config.yaml`` (resolved against ``OUT``'s parent too)."""
     if run is None:
         return None
-    cfg = out / "models" / run / "config.yaml"
+    cfg = Layout(out).run_dir(run) / CONFIG_FILE
     if not cfg.is_file():
         return None
     import yaml
@@ -151,7 +153,7 @@ class ViewerData:
         runs = list_runs(self.out)
         if run is not None and run not in runs:
             found = ", ".join(runs) or "none"
-            raise ViewerError(f"{self.out / 'heatmaps' / run}: no heatmaps for run {run!r} (runs found: {found})")
+            raise ViewerError(f"{Layout(self.out).heatmap_dir(run)}: no heatmaps for run {run!r} (runs found: {found})")
         self.runs = runs
         self.run = run if run is not None else (runs[0] if runs else None)
         self.slides: dict[str, SlideRecord] = {}
@@ -168,17 +170,17 @@ class ViewerData:
         return self.slides[sid]
 
     def _collect(self) -> None:
-        out = self.out
+        layout = Layout(self.out)
         paths: dict[str, list[Path]] = {}
         if self.run is not None:
-            for f in sorted((out / "heatmaps" / self.run).glob("*.h5")):
+            for f in sorted(layout.heatmap_dir(self.run).glob("*.h5")):
                 self._record(f.stem).heatmap = f
-        for row in _read_csv(out / "status.csv"):
+        for row in _read_csv(layout.status_csv):
             if row.get("slide_id"):
                 rec = self._record(row["slide_id"])
                 if row.get("path"):
                     paths.setdefault(rec.slide_id, []).append(Path(row["path"]))
-        for f in sorted((out / "patches").glob("*.h5")):
+        for f in sorted(layout.patches_dir.glob("*.h5")):
             rec = self._record(f.stem)
             try:
                 patches = h5.read_patches(f)
@@ -191,9 +193,9 @@ class ViewerData:
         self._predictions(paths)
         self._labels()
         for sid, rec in self.slides.items():
-            mask = out / "masks" / f"{sid}.geojson"
+            mask = layout.mask(sid)
             rec.mask = mask if mask.is_file() else None
-            candidates = [*paths.get(sid, []), *sorted((out / "slides").glob(f"{sid}.*"))]
+            candidates = [*paths.get(sid, []), *sorted(layout.slides_dir.glob(f"{sid}.*"))]
             rec.path = next((p for p in candidates if p.is_file()), None)
 
     def _predictions(self, paths: dict[str, list[Path]]) -> None:
@@ -203,11 +205,12 @@ class ViewerData:
         in-sample), then ``models/<run>/predictions.csv`` (out-of-fold), then
         ``OUT/predictions.csv`` (``wsi-mil predict`` on new slides).
         """
-        sources = [(self.out / "predictions.csv", "predict")]
+        layout = Layout(self.out)
+        sources = [(layout.predictions, "predict")]
         if self.run is not None:
             sources[:0] = [
-                (self.out / "heatmaps" / self.run / "index.csv", "in-sample"),
-                (self.out / "models" / self.run / "predictions.csv", "out-of-fold"),
+                (layout.heatmap_index(self.run), "in-sample"),
+                (layout.run_dir(self.run) / PREDICTIONS_FILE, "out-of-fold"),
             ]
         for csv_path, source in sources:
             for row in _read_csv(csv_path):
