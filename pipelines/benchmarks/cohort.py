@@ -46,7 +46,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json
 
-from wsi_mil.cohort import load_cohort_config, run_cohort, status
+from wsi_mil.cohort import load_cohort_config, run_cohort
+from wsi_mil.harness import status
 from wsi_mil.io.atomic import write_text_atomic
 from wsi_mil.io.layout import Layout
 from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wsi_mil.cohort.status import read_status
+from wsi_mil.harness.status import read_status
 from wsi_mil.io.h5 import read_patches
 
 

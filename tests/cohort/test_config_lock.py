@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from tests.cohort.conftest import BIN, write_config
-from wsi_mil.cohort import load_cohort_config, output_lock, run_cohort
-from wsi_mil.cohort.lock import OutputLockedError
-from wsi_mil.cohort.status import read_status
+from wsi_mil.cohort import load_cohort_config, run_cohort
 from wsi_mil.config import CONFIG_DIR
 from wsi_mil.errors import ConfigError
+from wsi_mil.harness.lock import OutputLockedError, output_lock
+from wsi_mil.harness.status import read_status
 
 
 def test_example_config_resolves_relative_paths() -> None:
@@ -61,7 +61,7 @@ def test_second_run_on_the_same_folder_is_refused(cohort_dir: Path, tmp_path: Pa
     out = tmp_path / "out"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from wsi_mil.cohort import output_lock\n"
+         "import sys, time; from wsi_mil.harness import output_lock\n"
          f"with output_lock({str(out)!r}, 'wsi-mil run'):\n    print('held', flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -15,13 +15,13 @@ import pytest
 
 from tests.cohort.conftest import BIN, write_config
 from wsi_mil.cohort import load_cohort_config, run_cohort
-from wsi_mil.cohort.lock import OutputLockedError
-from wsi_mil.cohort.status import read_status
+from wsi_mil.harness.lock import OutputLockedError
+from wsi_mil.harness.status import read_status
 from wsi_mil.io.atomic import FOREIGN_PARTIAL_AGE_S, host_tag, is_orphan, partial_owner, remove_orphan_partials
 
 HOLD = """
 import sys, time
-from wsi_mil.cohort import output_lock
+from wsi_mil.harness.lock import output_lock
 with output_lock(sys.argv[1], "wsi-mil train"):
     print("held", flush=True)
     time.sleep(120)

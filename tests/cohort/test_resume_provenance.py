@@ -8,7 +8,7 @@ import pandas as pd
 
 from tests.cohort.conftest import N_SLIDES, write_config
 from wsi_mil.cohort import load_cohort_config, run_cohort
-from wsi_mil.cohort.status import read_status
+from wsi_mil.harness.status import read_status
 
 
 def _states(out: Path, stage: str) -> dict[str, str]:

@@ -14,8 +14,8 @@ import numpy as np
 
 from tests.cohort.conftest import BIN, N_SLIDES, Cluster, start_cluster, write_config
 from wsi_mil.cohort import load_cohort_config, run_cohort
-from wsi_mil.cohort.status import read_status
 from wsi_mil.features.extract import bag_path, is_extracted
+from wsi_mil.harness.status import read_status
 from wsi_mil.io import h5
 
 

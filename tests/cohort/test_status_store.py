@@ -7,8 +7,9 @@ import multiprocessing
 import time
 from pathlib import Path
 
-from wsi_mil.cohort import output_lock, status
-from wsi_mil.cohort.status import export_status, read_status, record
+from wsi_mil.harness import status
+from wsi_mil.harness.lock import output_lock
+from wsi_mil.harness.status import export_status, read_status, record
 
 
 def _record_many(out: str, lo: int, hi: int) -> None:

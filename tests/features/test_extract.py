@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_mil.cohort.status import read_status
 from wsi_mil.features.cohort import extract_cohort
 from wsi_mil.features.extract import bag_path, is_extracted, pt_path
 from wsi_mil.features.runtime import Runner
+from wsi_mil.harness.status import read_status
 from wsi_mil.io import h5
 
 

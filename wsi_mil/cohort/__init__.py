@@ -1,4 +1,7 @@
-"""Cohorts: which slides, their status per stage, and ``wsi-mil run`` on Dask.
+"""``wsi-mil run``: every stage over a cohort, resumable, on Dask (config, plan, tasks, executors).
+
+The per-slide harness it shares with the single-stage commands (slide inputs, the output
+lock, the status store, :func:`~wsi_mil.harness.runner.run_step`) is :mod:`wsi_mil.harness`.
 
 Importing this package loads nothing heavy; the names below are resolved on first use.
 """
@@ -8,14 +11,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["CohortConfig", "RunSummary", "load_cohort_config", "output_lock", "run_cohort"]
+__all__ = ["CohortConfig", "RunSummary", "load_cohort_config", "run_cohort"]
 
 _WHERE = {
     "CohortConfig": "config",
     "load_cohort_config": "config",
     "RunSummary": "run",
     "run_cohort": "run",
-    "output_lock": "lock",
 }
 
 

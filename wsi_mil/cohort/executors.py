@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from wsi_mil.cohort import status
 from wsi_mil.cohort.config import CohortConfig
-from wsi_mil.cohort.runner import SlideOutcome, failure_reason
 from wsi_mil.errors import ConfigError
+from wsi_mil.harness import status
+from wsi_mil.harness.runner import SlideOutcome, failure_reason
 
 
 @dataclass

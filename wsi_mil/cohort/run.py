@@ -3,7 +3,7 @@
 :func:`run_cohort` plans a task graph — per slide ``tile → extract → heatmap``, and one
 ``train`` task that waits for every bag — and runs it on an embedded ``LocalCluster``, an
 existing Dask scheduler, or (``scheduler="sequential"``) in this process. Workers record
-each (slide, stage) in the status store (``OUT/.status``, see :mod:`wsi_mil.cohort.status`);
+each (slide, stage) in the status store (``OUT/.status``, see :mod:`wsi_mil.harness.status`);
 this process holds the output folder's lock, prints progress and a summary, writes the
 cohort-level CSVs and ``OUT/status.csv``.
 """
@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cohort import status
 from wsi_mil.cohort.config import CohortConfig
 from wsi_mil.cohort.executors import Job, open_executor
-from wsi_mil.cohort.runner import SlideOutcome
 from wsi_mil.errors import WsiMilError
+from wsi_mil.harness import status
+from wsi_mil.harness.runner import SlideOutcome
 from wsi_mil.io.layout import Layout
 
 COUNTED = ("done", "empty", "skipped", "failed", "not_retried", "blocked")
@@ -173,9 +173,9 @@ def run_cohort(
     >>> summary = run_cohort(cfg, scheduler="tcp://10.0.0.5:8786")  # doctest: +SKIP
     >>> summary.ok  # doctest: +SKIP
     """
-    from wsi_mil.cohort.inputs import collect_slides
-    from wsi_mil.cohort.lock import output_lock
     from wsi_mil.config import dump_config
+    from wsi_mil.harness.inputs import collect_slides
+    from wsi_mil.harness.lock import output_lock
 
     t0 = time.perf_counter()
     out = Path(cfg.out)

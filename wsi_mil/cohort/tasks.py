@@ -2,8 +2,8 @@
 
 Tasks take only paths, strings and plain dict configs, and open slides, encoders and
 models themselves (encoders and models are cached per worker process). Each returns a
-:class:`~wsi_mil.cohort.runner.SlideOutcome` and never raises: failures are outcomes,
-recorded in the status store by the worker through :func:`~wsi_mil.cohort.runner.run_step`.
+:class:`~wsi_mil.harness.runner.SlideOutcome` and never raises: failures are outcomes,
+recorded in the status store by the worker through :func:`~wsi_mil.harness.runner.run_step`.
 
 Resuming: a (slide, stage) is skipped when its status row says ``done``/``empty`` *and* its
 outputs are complete; a ``failed`` one is not retried unless ``retry_failed``. An output
@@ -19,8 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cohort.runner import SlideOutcome, run_step
 from wsi_mil.errors import WsiMilError
+from wsi_mil.harness.runner import SlideOutcome, run_step
 
 #: Upstream states after which a slide's next stage can run.
 READY = ("done", "skipped")
@@ -29,7 +29,7 @@ TRAIN_ROW = "*"  # slide_id of cohort-level rows in the status store
 
 def current_row(out: str | Path, sid: str, stage: str) -> dict[str, str] | None:
     """The status row of (``sid``, ``stage``) as it is now (one small file read, whatever the cohort)."""
-    from wsi_mil.cohort import status
+    from wsi_mil.harness import status
 
     return status.get(out, sid, stage)
 
@@ -99,8 +99,8 @@ def tile_task(
     overwrite: bool = False,
 ) -> SlideOutcome:
     """Tile one slide (``slide``: ``path``, ``slide_id``, ``mpp``); ``overwrite`` redoes one made differently."""
-    from wsi_mil.cohort.inputs import SlideInput
     from wsi_mil.config import from_mapping
+    from wsi_mil.harness.inputs import SlideInput
     from wsi_mil.tiling.cohort import STAGE, tile_one
     from wsi_mil.tiling.run import TileConfig, is_tiled, tile_inputs
 
@@ -228,7 +228,7 @@ def train_task(
     def work() -> SlideOutcome:
         import torch
 
-        from wsi_mil.cohort.lock import delegated
+        from wsi_mil.harness.lock import delegated
         from wsi_mil.io.layout import encoder_dirname
         from wsi_mil.mil.data import read_labels, write_labels
         from wsi_mil.mil.train import train_run

@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsi_mil.cohort.lock import locks_output
-from wsi_mil.cohort.runner import SlideOutcome, run_slides
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
 from wsi_mil.features.extract import (
@@ -18,6 +16,8 @@ from wsi_mil.features.extract import (
     extract_slide,
     is_extracted,
 )
+from wsi_mil.harness.lock import locks_output
+from wsi_mil.harness.runner import SlideOutcome, run_slides
 from wsi_mil.io import h5
 from wsi_mil.io.layout import Layout
 from wsi_mil.io.provenance import check

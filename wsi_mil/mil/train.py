@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from wsi_mil.cohort.lock import locks_output
 from wsi_mil.errors import ConfigError
+from wsi_mil.harness.lock import locks_output
 from wsi_mil.io.h5 import read_bag
 from wsi_mil.io.layout import Layout
 from wsi_mil.io.provenance import PROVENANCE, SLIDE_FINGERPRINT, changes, digest, recorded, settings_only

@@ -2,26 +2,26 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cohort import status
-from wsi_mil.cohort.lock import locks_output
 from wsi_mil.errors import WsiMilError
+from wsi_mil.harness.lock import locks_output
+from wsi_mil.harness.runner import SlideOutcome, StageSummary, run_slides
 from wsi_mil.io.layout import Layout
 from wsi_mil.io.run_folder import load_settings, read_trained
 from wsi_mil.predict.settings import RUNTIME_FIELDS
 from wsi_mil.predict.slide import predict_slide, resolve_heatmap_options, write_predictions_csv
 
+#: The status store's stage name of ``wsi-mil predict`` and ``wsi-mil heatmap`` alike.
 STAGE = "predict"
 
 
 @dataclass
-class PredictSummary:
-    """Outcome of stage 4 over a cohort.
+class PredictSummary(StageSummary):
+    """Outcome of stage 4 over a cohort: a :class:`~wsi_mil.harness.runner.StageSummary` and its table.
 
     Attributes
     ----------
@@ -36,7 +36,6 @@ class PredictSummary:
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
     csv: Path | None = None
     case_csv: Path | None = None
 
@@ -45,51 +44,32 @@ def _quiet(_: str) -> None:
     pass
 
 
-def _reason(exc: Exception) -> str:
-    if isinstance(exc, WsiMilError):
-        return str(getattr(exc, "reason", None) or exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _diagnose(
+def _predict_slides(
     out: Path,
     run_dir: Path,
-    items: list[tuple[str, Path | None]],
+    slide_ids: list[str],
+    paths: Mapping[str, Path],
     options: Any,
     summary: PredictSummary,
     echo: Callable[[str], None],
     progress: bool,
 ) -> None:
-    """predict_slide for each (slide id, slide path); failures become rows, never exceptions."""
+    """:func:`predict_slide` for each slide through the harness; each outcome becomes a row."""
     from wsi_mil.predict.slide import cached_model
 
     model = cached_model(str(run_dir.resolve()))
-    it: Any = items
-    if progress and len(items) > 1:
-        from rich.progress import track
 
-        it = track(items, description="predict + heatmaps", transient=True)
-    for sid, path in it:
-        t0 = time.perf_counter()
-        try:
-            row = predict_slide(out, run_dir, sid, path, heatmap_options=options, model=model)
-        except Exception as exc:  # one bad slide never stops the others
-            reason = _reason(exc)
-            summary.failed[sid] = reason
-            summary.rows.append({"slide_id": sid, "status": "failed", "error": reason})
-            status.record(out, sid, STAGE, "failed", reason=reason, seconds=time.perf_counter() - t0)
-            echo(f"{sid}: failed: {reason}")
-            continue
-        summary.rows.append({**row, "status": "ok", "error": ""})
-        status.record(
-            out,
-            sid,
-            STAGE,
-            "done",
-            n_patches=row["n_patches"],
-            seconds=time.perf_counter() - t0,
-            detail=f"{run_dir.name}: {row['prediction']}",
-        )
+    def work(sid: str) -> SlideOutcome:
+        row = predict_slide(out, run_dir, sid, paths.get(sid), heatmap_options=options, model=model)
+        detail = f"{run_dir.name}: {row['prediction']}"
+        return SlideOutcome(sid, STAGE, "done", n_patches=row["n_patches"], detail=detail, result=row)
+
+    run_slides(out, STAGE, slide_ids, work, summary, echo=echo, progress=progress, label="predict + heatmaps")
+    for sid in slide_ids:
+        if sid in summary.failed:
+            summary.rows.append({"slide_id": sid, "status": "failed", "error": summary.failed[sid]})
+        else:
+            summary.rows.append({**summary.results[sid], "status": "ok", "error": ""})
 
 
 def _check_score(options: Any, run_dir: Path) -> None:
@@ -180,7 +160,7 @@ def predict_cohort(
     Parameters
     ----------
     slides : list
-        Files, folders and CSVs (see :func:`~wsi_mil.cohort.inputs.collect_slides`).
+        Files, folders and CSVs (see :func:`~wsi_mil.harness.inputs.collect_slides`).
     run_dir : path-like
         ``OUT/models/<run>`` of a trained run (its ``pipeline.yaml`` gives the settings).
     out : path-like
@@ -202,8 +182,8 @@ def predict_cohort(
     >>> s.csv  # doctest: +SKIP
     PosixPath('diagnosis/predictions.csv')
     """
-    from wsi_mil.cohort.inputs import collect_slides
     from wsi_mil.features import extract_cohort
+    from wsi_mil.harness.inputs import collect_slides
     from wsi_mil.tiling.cohort import tile_cohort
 
     run_dir, out = Path(run_dir), Path(out)
@@ -241,8 +221,8 @@ def predict_cohort(
             summary.failed[sid] = "no readable patches"
     summary.rows = [{"slide_id": s, "status": "failed", "error": r} for s, r in summary.failed.items()]
     paths = {i.slide_id: i.path for i in inputs}
-    items = [(sid, paths[sid]) for sid in (i.slide_id for i in inputs) if sid not in summary.failed]
-    _diagnose(out, run_dir, items, options, summary, echo, progress)
+    ids = [i.slide_id for i in inputs if i.slide_id not in summary.failed]
+    _predict_slides(out, run_dir, ids, paths, options, summary, echo, progress)
     seen = mark_trained_on(summary.rows, run_dir)
     if seen:
         echo(
@@ -293,7 +273,7 @@ def heatmap_cohort(
         raise WsiMilError(f"{bag_dir}: no feature bags; run `wsi-mil extract --out {out}` first")
     echo(f"heatmap: {len(ids)} slide(s) with {settings.run}")
     summary = PredictSummary()
-    _diagnose(out, run_dir, [(sid, None) for sid in ids], options, summary, echo, progress)
+    _predict_slides(out, run_dir, ids, {}, options, summary, echo, progress)
     hm_dir = layout.heatmap_dir(settings.run)
     hm_dir.mkdir(parents=True, exist_ok=True)
     # Rendering a subset updates its rows; the index keeps every slide rendered before.

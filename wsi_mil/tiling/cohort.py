@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_mil.cohort.inputs import SlideInput, collect_slides
-from wsi_mil.cohort.lock import locks_output
-from wsi_mil.cohort.runner import SlideOutcome, StageSummary, run_slides
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
+from wsi_mil.harness.inputs import SlideInput, collect_slides
+from wsi_mil.harness.lock import locks_output
+from wsi_mil.harness.runner import SlideOutcome, StageSummary, run_slides
 from wsi_mil.io.layout import Layout
 from wsi_mil.tiling.run import TileConfig, TileResult, check_tiled, is_tiled, tile_inputs, tile_slide
 
@@ -91,7 +91,7 @@ def tile_cohort(
     Parameters
     ----------
     slides : list
-        Files, folders and CSVs (see :func:`~wsi_mil.cohort.inputs.collect_slides`).
+        Files, folders and CSVs (see :func:`~wsi_mil.harness.inputs.collect_slides`).
     out : path-like
         Cohort output folder; ``OUT/tile_config.yaml`` records the resolved settings.
     config : str or path, optional

@@ -118,7 +118,7 @@ def _release(out: Path) -> None:
 
 
 def _on_acquire(out: Path, clean: bool) -> None:
-    from wsi_mil.cohort import status
+    from wsi_mil.harness import status
     from wsi_mil.io.atomic import remove_orphan_partials
 
     status.ensure_store(out)  # an older OUT's status.csv, before anyone records
@@ -127,7 +127,7 @@ def _on_acquire(out: Path, clean: bool) -> None:
 
 
 def _on_release(out: Path) -> None:
-    from wsi_mil.cohort import status
+    from wsi_mil.harness import status
 
     if status.recorded_here(out):
         status.export_status(out)

@@ -1,8 +1,8 @@
 """One per-slide executor for every stage: time the work, isolate failures, record status.
 
-``tile_cohort``, ``extract_cohort`` and the Dask tasks of ``wsi-mil run`` all call
-:func:`run_step` for one slide and stage; the sequential commands loop with
-:func:`run_slides`. A stage supplies only the work itself, returning a
+``tile_cohort``, ``extract_cohort``, ``predict_cohort``, ``heatmap_cohort`` and the Dask
+tasks of ``wsi-mil run`` all call :func:`run_step` for one slide and stage; the sequential
+commands loop with :func:`run_slides`. A stage supplies only the work itself, returning a
 :class:`SlideOutcome`.
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from wsi_mil.cohort import status
 from wsi_mil.errors import WsiMilError
+from wsi_mil.harness import status
 
 #: Outcome states. ``done``/``empty``/``failed`` are written to status.csv; ``skipped``
 #: (complete from an earlier run), ``not_retried`` (failed earlier, no --retry-failed) and
