@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,23 +57,16 @@ class TiffSlideSlide(Slide):
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         x0, y0 = int(location[0]), int(location[1])
-        w, h = int(size[0]), int(size[1])
         ds = self.level_downsamples[level]
-        lw, lh = self.level_dimensions[level]
-        # Clip to the level, then pad with white like OpenSlide's transparent background.
-        lx, ly = int(x0 / ds), int(y0 / ds)
-        cx0, cy0 = max(lx, 0), max(ly, 0)
-        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
-        out = np.full((h, w, 3), 255, np.uint8)
-        if cx1 <= cx0 or cy1 <= cy0:
-            return out
-        try:
-            arr = self._ts.read_region((int(cx0 * ds), int(cy0 * ds)), level, (cx1 - cx0, cy1 - cy0), as_array=True)
-        except Exception as exc:
-            raise SlideError(self.slide_id, f"cannot read region {(x0, y0)} of {self.path} ({exc})") from exc
-        arr = np.asarray(arr)[..., :3]
-        out[cy0 - ly : cy0 - ly + arr.shape[0], cx0 - lx : cx0 - lx + arr.shape[1]] = arr
-        return out
+
+        def read(cx0: int, cy0: int, cx1: int, cy1: int) -> np.ndarray:
+            try:
+                arr = self._ts.read_region((int(cx0 * ds), int(cy0 * ds)), level, (cx1 - cx0, cy1 - cy0), as_array=True)
+            except Exception as exc:
+                raise SlideError(self.slide_id, f"cannot read region {(x0, y0)} of {self.path} ({exc})") from exc
+            return np.asarray(arr)[..., :3]
+
+        return _clipped((int(x0 / ds), int(y0 / ds)), size, self.level_dimensions[level], read)
 
     def tile_height(self, level: int) -> int | None:
         value = self._ts.properties.get(f"tiffslide.level[{level}].tile-height")
@@ -83,22 +77,39 @@ class TiffSlideSlide(Slide):
 
     def read_level_pixels(self, level: int, location: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
         lx, ly = int(location[0]), int(location[1])
-        w, h = int(size[0]), int(size[1])
-        lw, lh = self.level_dimensions[level]
-        cx0, cy0 = max(lx, 0), max(ly, 0)
-        cx1, cy1 = min(lx + w, lw), min(ly + h, lh)
-        out = np.full((h, w, 3), 255, np.uint8)
-        if cx1 <= cx0 or cy1 <= cy0:
-            return out
-        try:
-            arr = np.asarray(self.zarr_level(level)[cy0:cy1, cx0:cx1])[..., :3]
-        except Exception as exc:
-            raise SlideError(self.slide_id, f"cannot read level {level} at {(lx, ly)} of {self.path} ({exc})") from exc
-        out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = arr
-        return out
+
+        def read(cx0: int, cy0: int, cx1: int, cy1: int) -> np.ndarray:
+            try:
+                return np.asarray(self.zarr_level(level)[cy0:cy1, cx0:cx1])[..., :3]
+            except Exception as exc:
+                raise SlideError(
+                    self.slide_id, f"cannot read level {level} at {(lx, ly)} of {self.path} ({exc})"
+                ) from exc
+
+        return _clipped((lx, ly), size, self.level_dimensions[level], read)
 
     def close(self) -> None:
         ts = getattr(self, "_ts", None)
         if ts is not None:
             ts.close()
             self._ts = None
+
+
+def _clipped(
+    location: tuple[int, int],
+    size: tuple[int, int],
+    level_dim: tuple[int, int],
+    read: Callable[[int, int, int, int], np.ndarray],
+) -> np.ndarray:
+    """A (h, w, 3) region at level coordinates ``location``: ``read(x0, y0, x1, y1)`` of the part
+    inside the level, padded with white like OpenSlide's transparent background."""
+    lx, ly = int(location[0]), int(location[1])
+    w, h = int(size[0]), int(size[1])
+    cx0, cy0 = max(lx, 0), max(ly, 0)
+    cx1, cy1 = min(lx + w, level_dim[0]), min(ly + h, level_dim[1])
+    out = np.full((h, w, 3), 255, np.uint8)
+    if cx1 <= cx0 or cy1 <= cy0:
+        return out
+    arr = read(cx0, cy0, cx1, cy1)
+    out[cy0 - ly : cy0 - ly + arr.shape[0], cx0 - lx : cx0 - lx + arr.shape[1]] = arr
+    return out
