@@ -8,8 +8,7 @@ Importing this package loads nothing heavy; the names below are resolved on firs
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wsi_mil._lazy import lazy_getattr
 
 __all__ = ["CohortConfig", "RunSummary", "load_cohort_config", "run_cohort"]
 
@@ -21,7 +20,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"wsi_mil.cohort.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'wsi_mil.cohort' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)

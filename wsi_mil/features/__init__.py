@@ -5,8 +5,7 @@ Importing this package loads no torch; the names below are resolved on first use
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wsi_mil._lazy import lazy_getattr
 
 __all__ = [
     "Encoder",
@@ -33,7 +32,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"wsi_mil.features.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'wsi_mil.features' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)

@@ -13,8 +13,7 @@ no stage. Importing this package loads nothing; the names below are resolved on 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wsi_mil._lazy import lazy_getattr
 
 __all__ = [
     "OutputLockedError",
@@ -43,7 +42,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"wsi_mil.harness.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'wsi_mil.harness' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)

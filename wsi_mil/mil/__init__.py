@@ -6,8 +6,7 @@ Submodules import torch; this package namespace resolves names lazily so that
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from wsi_mil._lazy import lazy_getattr
 
 _EXPORTS = {
     "LossAttentionMIL": "wsi_mil.mil.loss_attention",
@@ -27,7 +26,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'wsi_mil.mil' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
