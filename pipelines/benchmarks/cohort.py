@@ -74,6 +74,18 @@ def make_cohort(folder: Path, n: int, width: int, height: int) -> Path:
     return listing
 
 
+def timed_run(cfg_path: Path, mode: str, label: str) -> tuple[Any, float]:
+    """``wsi-mil run`` of ``cfg_path`` on ``mode`` (local / sequential / an address); summary and wall seconds."""
+    cfg = load_cohort_config(cfg_path)
+    scheduler = {"local": None, "sequential": "sequential"}.get(mode, mode)
+    t = time.perf_counter()
+    summary = run_cohort(cfg, scheduler=scheduler, echo=lambda s: None, progress=False)
+    wall = time.perf_counter() - t
+    if not summary.ok:
+        raise SystemExit(f"{label}: failures {list(summary.failures)[:5]}")
+    return summary, wall
+
+
 def run_mode(mode: str, listing: Path, labels: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     shutil.rmtree(out, ignore_errors=True)
     cfg_path = out.parent / f"{out.name}.yaml"
@@ -85,13 +97,7 @@ def run_mode(mode: str, listing: Path, labels: Path, out: Path, args: argparse.N
         f"train: {{run_name: bench, cv: {{folds: {folds}, val_fraction: 0.4}}, optim: {{epochs: {args.epochs}}}}}\n"
         "heatmap: {gallery_k: 0}\n"
     )
-    cfg = load_cohort_config(cfg_path)
-    scheduler = {"local": None, "sequential": "sequential"}.get(mode, mode)
-    t = time.perf_counter()
-    summary = run_cohort(cfg, scheduler=scheduler, echo=lambda s: None, progress=False)
-    wall = time.perf_counter() - t
-    if not summary.ok:
-        raise SystemExit(f"{mode}: failures {summary.failures}")
+    summary, wall = timed_run(cfg_path, mode, mode)
     stages = {
         name: {
             "task_s": round(r.task_seconds, 2),
@@ -183,13 +189,7 @@ def scaling(args: argparse.Namespace) -> None:
                 f"slides: {slides}\nout: {out}\nstages: [tile, extract]\n"
                 "extract: {encoder: texture, batch_size: 8, workers: 0}\n"
             )
-            cfg = load_cohort_config(cfg_path)
-            scheduler = {"local": None, "sequential": "sequential"}.get(mode, mode)
-            t = time.perf_counter()
-            summary = run_cohort(cfg, scheduler=scheduler, echo=lambda s: None, progress=False)
-            wall = time.perf_counter() - t
-            if not summary.ok:
-                raise SystemExit(f"{mode} {n}: failures {list(summary.failures)[:5]}")
+            summary, wall = timed_run(cfg_path, mode, f"{mode} {n}")
             rows = status.read_status(out)
             assert len(rows) == 2 * n, (len(rows), n)
             task = sum(r.task_seconds for r in summary.stages.values())
