@@ -102,7 +102,7 @@ def tile_task(
     from wsi_mil.config import from_mapping
     from wsi_mil.harness.inputs import SlideInput
     from wsi_mil.tiling.cohort import STAGE, tile_one
-    from wsi_mil.tiling.run import TileConfig, is_tiled, tile_inputs
+    from wsi_mil.tiling.run import TileConfig, is_tiled, patches_path, tile_inputs
 
     sid, outp = str(slide["slide_id"]), Path(out)
     cfg = from_mapping(TileConfig, tile_cfg, "tile")
@@ -111,7 +111,8 @@ def tile_task(
 
     def complete() -> bool:  # finished, and made from this slide file with these settings
         try:
-            return is_tiled(outp, sid) and is_tiled(outp, sid, tile_inputs(cfg, item.path, given))
+            # Existence first: the slide is fingerprinted only when there is an output to compare.
+            return patches_path(outp, sid).exists() and is_tiled(outp, sid, tile_inputs(cfg, item.path, given))
         except WsiMilError:  # slide unreadable: the work reports it as this slide's failure
             return False
 

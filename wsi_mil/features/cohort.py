@@ -156,12 +156,13 @@ def extract_one(
     pfile = layout.patches(sid)
     bag = layout.bag(cfg.encoder, sid)
     pt = layout.pt(cfg.encoder, sid)
-    n_tiled = _n_coords(pfile)
+    patches = h5.read_patches(pfile)  # read once: its row count and its provenance
+    n_tiled = len(patches.coords)
     pt_ok = not cfg.pt or pt.exists()
     if not overwrite and is_extracted(bag):
         # A finished bag is reused only if made from this patch file with this encoder,
         # weights and precision; one made differently is refused, naming what changed.
-        check(sid, bag, h5.read_bag(bag, load_features=False).attrs, bag_inputs(h5.read_patches(pfile).attrs, runner))
+        check(sid, bag, h5.read_bag(bag, load_features=False).attrs, bag_inputs(patches.attrs, runner))
         if pt_ok and is_extracted(bag, runner.encoder.weights_id, n_tiled):
             return SlideOutcome(sid, STAGE, "skipped")
     with _bar(sid, n_tiled, progress) as tick:
@@ -184,10 +185,6 @@ def extract_one(
         note=note,
         result=res,
     )
-
-
-def _n_coords(pfile: Path) -> int:
-    return len(h5.read_patches(pfile).coords)
 
 
 class _bar:  # noqa: N801 - used like a function
