@@ -259,8 +259,8 @@ def case_table(
     if y is not None:
         df["label"] = [classes[i] if i >= 0 else "" for i in y_case]
     if fold is not None:
-        first = {c: int(f) for c, f in zip(reversed(case_ids), reversed(list(fold)), strict=True)}
-        df["fold"] = [first[c] for c in cases]
+        tested_in = {c: int(f) for c, f in zip(case_ids, fold, strict=True)}  # a case's slides share one test fold
+        df["fold"] = [tested_in[c] for c in cases]
     df["prediction"] = [classes[i] for i in p_case.argmax(1)]
     for c, name in enumerate(classes):
         df[f"prob_{name}"] = p_case[:, c]
