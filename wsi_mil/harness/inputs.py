@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_mil.errors import WsiMilError
+from wsi_mil.io.ids import check_slide_id
 from wsi_mil.slide import SLIDE_EXTENSIONS, slide_id_from_path
 
 PATH_COLUMNS = ("path", "slide_path", "filepath", "file")
@@ -43,7 +44,8 @@ def _from_csv(path: Path) -> list[SlideInput]:
                     raise WsiMilError(f"{path}:{lineno}: mpp {row['mpp']!r} is not a number") from exc
                 if mpp <= 0:
                     raise WsiMilError(f"{path}:{lineno}: mpp must be positive, got {mpp}")
-            out.append(SlideInput(p, row.get("slide_id") or slide_id_from_path(p), mpp, row.get("case_id") or None))
+            sid = check_slide_id(row.get("slide_id") or slide_id_from_path(p), f"{path}:{lineno}")
+            out.append(SlideInput(p, sid, mpp, row.get("case_id") or None))
         return out
 
 
@@ -51,7 +53,8 @@ def collect_slides(args: list[str | Path]) -> list[SlideInput]:
     """Expand files, folders (every extension OpenSlide opens) and CSVs of slide paths.
 
     A path that does not exist is kept, so that the stage reports it as that slide's
-    failure instead of stopping the run. Two slides with the same id are an error.
+    failure instead of stopping the run. Two slides with the same id are an error, and so
+    is an id that could name a file outside ``OUT`` (:func:`~wsi_mil.io.ids.check_slide_id`).
 
     Examples
     --------
@@ -61,12 +64,12 @@ def collect_slides(args: list[str | Path]) -> list[SlideInput]:
     for arg in args:
         p = Path(arg)
         if p.is_dir():
-            out += [SlideInput(f, slide_id_from_path(f)) for f in sorted(p.iterdir())
+            out += [SlideInput(f, check_slide_id(slide_id_from_path(f), str(f))) for f in sorted(p.iterdir())
                     if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS]
         elif p.suffix.lower() == ".csv" and p.is_file():
             out += _from_csv(p)
         else:
-            out.append(SlideInput(p, slide_id_from_path(p)))
+            out.append(SlideInput(p, check_slide_id(slide_id_from_path(p), str(p))))
     seen: dict[str, Path] = {}
     for s in out:
         if s.slide_id in seen and seen[s.slide_id] != s.path:

@@ -59,6 +59,8 @@ def read_labels(path: str | os.PathLike[str]) -> LabelTable:
     """
     import pandas as pd
 
+    from wsi_mil.io.ids import check_slide_id
+
     path = Path(path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
@@ -73,6 +75,8 @@ def read_labels(path: str | os.PathLike[str]) -> LabelTable:
     labels = [s.strip() for s in df[cols["label"]].astype(str)]
     if any(not s for s in ids) or any(not s for s in labels):
         raise ConfigError(f"{path}: empty slide_id or label in some rows")
+    for lineno, sid in enumerate(ids, start=2):
+        check_slide_id(sid, f"{path}:{lineno}")
     cases: list[str] = []
     if "case_id" in cols:
         cases = [s.strip() for s in df[cols["case_id"]].astype(str)]
