@@ -404,11 +404,29 @@ def view(
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
     backend: Annotated[str, typer.Option(help="Slide reader of the tiles: openslide or tiffslide.")] = "openslide",
     colormap: Annotated[str, typer.Option(help="matplotlib colormap of the overlay.")] = "jet",
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="WSI_MIL_VIEW_TOKEN",
+            help="Access token (16+ URL-safe characters). Off loopback one is generated when not given.",
+        ),
+    ] = None,
+    max_open: Annotated[int, typer.Option(min=1, help="Slides kept open at once.")] = 8,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Worker threads of the tiles (default: 4 per core, 8 to 32).")
+    ] = None,
 ) -> None:
-    """Local, read-only web viewer: slides with heatmap overlays, patch scores, top-k patches."""
+    """Local, read-only web viewer: slides with heatmap overlays, patch scores, top-k patches.
+
+    Bound to anything but loopback it answers only requests with its access token, printed in
+    the address as ?token=... (as Jupyter does).
+    """
     from wsi_mil.viewer import serve
 
-    serve(out, host, port, run, open_browser, backend=backend, colormap=colormap, echo=typer.echo)
+    serve(
+        out, host, port, run, open_browser, backend=backend, colormap=colormap, token=token, max_open=max_open,
+        threads=threads, echo=typer.echo,
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

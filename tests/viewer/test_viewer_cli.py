@@ -49,7 +49,10 @@ def test_serve_binds_loopback_and_prints_the_command(
     assert "open http://127.0.0.1:8999/" in r.output and "run run1" in r.output
     assert "warning" not in r.output
     r = CliRunner().invoke(app, ["view", str(viewer_out.out), "--host", "0.0.0.0"])
-    assert r.exit_code == 0 and "warning: bound to 0.0.0.0" in r.output
+    assert r.exit_code == 0 and "bound to 0.0.0.0: only requests with the access token" in r.output
+    assert "open http://127.0.0.1:8765/?token=" in r.output
+    r = CliRunner().invoke(app, ["view", str(viewer_out.out), "--token", "short"])
+    assert r.exit_code == 1 and "give at least 16" in r.output
 
 
 def test_import_is_light() -> None:

@@ -31,9 +31,10 @@ def test_flat_slide_has_virtual_levels_and_same_deep_zoom_geometry(
 
     flat, pyr = flat_and_pyramid
     tiles = SlideTiles(backend)
-    gf, gp = tiles.generator("flat_v", flat), tiles.generator("pyr_v", pyr)
-    source = tiles._generators.get(("flat_v", str(flat)), lambda: None)[1]
-    assert source.level_count > 1 and max(source.level_dimensions[-1]) <= VIRTUAL_MAX_SIDE
+    with tiles.borrow("flat_v", flat) as gf_open:
+        source = gf_open._osr  # the _DeepZoomSource the generator reads
+        assert source.level_count > 1 and max(source.level_dimensions[-1]) <= VIRTUAL_MAX_SIDE
+    gf, gp = tiles.geometry("flat_v", flat), tiles.geometry("pyr_v", pyr)
     assert gf.level_count == gp.level_count and gf.level_tiles == gp.level_tiles
     # Every level's middle tile, zoomed out to full resolution, has the size DZI promises,
     # and the whole-slide tile shows the same slide as the pyramid's (level 0 pixels agree,

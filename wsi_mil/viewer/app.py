@@ -21,6 +21,9 @@ Routes
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -36,7 +39,7 @@ from wsi_mil.viewer.data import (
     score_values,
     top_patches,
 )
-from wsi_mil.viewer.tiles import OverlayTiles, SlideTiles, overlay_dzi
+from wsi_mil.viewer.tiles import OverlayTiles, SlideChangedError, SlideTiles, overlay_dzi
 
 #: The package's own page, scripts and styles (committed) and OpenSeadragon (copied by make install).
 STATIC_DIR = Path(__file__).parent / "static"
@@ -71,6 +74,9 @@ def create_app(
     static_dir: Path | None = None,
     require_static: bool = True,
     allowed_hosts: list[str] | None = None,
+    token: str | None = None,
+    max_open: int = 8,
+    threads: int | None = None,
 ) -> Any:
     """Build the viewer app for one output folder.
 
@@ -90,6 +96,15 @@ def create_app(
         Refuse to start without OpenSeadragon (HTTP tests of the API turn it off).
     allowed_hosts : list of str, optional
         Host headers accepted (guards a loopback server against DNS rebinding); None: any.
+    token : str, optional
+        Access token every request must carry (``?token=`` once, then the cookie it sets);
+        None: no token (loopback only: :func:`~wsi_mil.viewer.server.serve` insists on one
+        elsewhere).
+    max_open : int
+        Slides kept open at once (least recently used closed once no request reads it).
+    threads : int, optional
+        Worker threads of the sync routes (anyio's thread limiter); default
+        :func:`default_threads`.
 
     Returns
     -------
@@ -109,7 +124,7 @@ def create_app(
     if require_static:
         check_static(static_dir)
     data = ViewerData(out, run)
-    views = _Views(data, SlideTiles(backend), OverlayTiles(colormap), static_dir)
+    views = _Views(data, SlideTiles(backend, max_open=max_open), OverlayTiles(colormap), static_dir)
     get = ["GET", "HEAD"]
     routes = [
         Route("/", views.index, methods=get),
@@ -125,13 +140,46 @@ def create_app(
         Mount("/static", StaticFiles(directory=static_dir, follow_symlink=False), name="static"),
     ]
     middleware = [Middleware(_Headers)]
+    if token is not None:
+        from wsi_mil.viewer.auth import TokenGate
+
+        middleware.append(Middleware(TokenGate, token=token))
     if allowed_hosts:
         from starlette.middleware.trustedhost import TrustedHostMiddleware
 
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts))
-    app = Starlette(routes=routes, middleware=middleware)
+    n_threads = threads if threads is not None else default_threads()
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> AsyncIterator[None]:
+        import anyio.to_thread
+
+        # Starlette runs the sync routes in anyio's default thread pool; its limiter is per
+        # event loop, so it is set here, once the loop runs.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = n_threads
+        yield
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.data = data
+    app.state.threads = n_threads
     return app
+
+
+def default_threads() -> int:
+    """Worker threads of the sync routes: 4 per CPU core, at least 8 and at most 32.
+
+    A tile is CPU work (decode, resize, encode; about 10 ms) that releases the GIL in
+    OpenSlide, libjpeg and zlib, so a few threads per core keep the cores busy while others
+    wait on the disk. More threads would not add throughput; each one in flight can hold a
+    slide open (see :class:`~wsi_mil.viewer.tiles.SlideTiles`) and a decoded tile in memory,
+    so the cap bounds both. Requests beyond it wait in the event loop's queue.
+
+    Examples
+    --------
+    >>> 8 <= default_threads() <= 32
+    True
+    """
+    return min(32, max(8, 4 * (os.cpu_count() or 1)))
 
 
 class _Headers:
@@ -169,6 +217,17 @@ def _unreadable(detail: str) -> Any:
     from starlette.responses import JSONResponse
 
     return JSONResponse({"error": detail}, status_code=500)
+
+
+def _changed(detail: str) -> Any:
+    """409: the slide file is no longer the one that was tiled."""
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": detail}, status_code=409)
+
+
+def _slide_failure(exc: WsiMilError) -> Any:
+    return _changed(str(exc)) if isinstance(exc, SlideChangedError) else _unreadable(str(exc))
 
 
 def _bad_request(detail: str) -> Any:
@@ -223,10 +282,12 @@ class _Views:
         dzi = None
         if rec.path is not None:
             try:
-                dims = list(self.slides_tiles.generator(rec.slide_id, rec.path).level_dimensions[-1])
+                dims = list(self.slides_tiles.geometry(rec.slide_id, rec.path, rec.fingerprint).dimensions)
                 dzi = f"/slides/{quote(rec.slide_id, safe='')}.dzi"
-            except WsiMilError as exc:  # listed, but unreadable: show the heatmap alone
+            except WsiMilError as exc:  # listed, but unreadable or changed: show the heatmap alone
                 info["slide_error"] = str(exc)
+        elif rec.slide_error is not None:
+            info["slide_error"] = rec.slide_error
         info.update(
             dimensions=dims,
             dzi=dzi,
@@ -283,11 +344,11 @@ class _Views:
 
         rec = self.data.get(request.path_params["sid"])
         if rec is None or rec.path is None:
-            return _not_found("unknown slide or slide file not found")
+            return _not_found(rec.slide_error if rec and rec.slide_error else "unknown slide or slide file not found")
         try:
-            xml = self.slides_tiles.dzi(rec.slide_id, rec.path)
+            xml = self.slides_tiles.dzi(rec.slide_id, rec.path, rec.fingerprint)
         except WsiMilError as exc:
-            return _unreadable(str(exc))
+            return _slide_failure(exc)
         return Response(xml, media_type="application/xml")
 
     def slide_tile(self, request: Any) -> Any:
@@ -296,11 +357,11 @@ class _Views:
         p = request.path_params
         rec = self.data.get(p["sid"])
         if rec is None or rec.path is None or p["fmt"] != "jpeg":
-            return _not_found("unknown slide or tile format")
+            return _not_found("unknown slide, slide file not found or tile format")
         try:
-            tile = self.slides_tiles.tile(rec.slide_id, rec.path, p["level"], p["col"], p["row"])
+            tile = self.slides_tiles.tile(rec.slide_id, rec.path, p["level"], p["col"], p["row"], rec.fingerprint)
         except WsiMilError as exc:
-            return _unreadable(str(exc))
+            return _slide_failure(exc)
         if tile is None:
             return _not_found("no such tile")
         return Response(tile, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})

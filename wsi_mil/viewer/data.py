@@ -18,7 +18,9 @@ import numpy as np
 from wsi_mil.errors import WsiMilError
 from wsi_mil.io import h5
 from wsi_mil.io.h5 import HeatmapData
+from wsi_mil.io.ids import id_problem
 from wsi_mil.io.layout import Layout
+from wsi_mil.io.provenance import SLIDE_FINGERPRINT
 from wsi_mil.io.run_folder import CONFIG_FILE, PREDICTIONS_FILE
 
 #: The score key of attention; class k has the key ``prob<k>``.
@@ -38,7 +40,12 @@ class SlideRecord:
     slide_id : str
         The slide's id.
     path : Path or None
-        The slide file (None when no record in ``OUT`` names one that exists).
+        The slide file: the one ``patches/<id>.h5`` recorded (``slide_path``), else
+        ``OUT/slides/<id>.*`` for a slide without a tiling (None when there is neither).
+    fingerprint : str or None
+        The recorded ``slide_fingerprint`` the file must still have to be served.
+    slide_error : str or None
+        Why the slide file is not served (a missing or unchecked record), for the page.
     label : str or None
         Ground-truth label from the run's labels CSV (or its predictions CSV).
     prediction : str or None
@@ -58,6 +65,8 @@ class SlideRecord:
 
     slide_id: str
     path: Path | None = None
+    fingerprint: str | None = None
+    slide_error: str | None = None
     label: str | None = None
     prediction: str | None = None
     probs: dict[str, float] = field(default_factory=dict)
@@ -90,15 +99,31 @@ def list_runs(out: Path) -> list[str]:
     return [d.name for d in sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)]
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    """Rows of a CSV file, or none when it is absent or unreadable (the viewer tolerates it)."""
+def _read_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
+    """(line, row) of a CSV file, or none when it is absent or unreadable (the viewer tolerates it)."""
     if not path.is_file():
         return []
     try:
         with path.open(newline="", encoding="utf-8") as fh:
-            return list(csv.DictReader(fh))
+            reader = csv.DictReader(fh)
+            return [(reader.line_num, row) for row in reader]
     except (OSError, csv.Error, UnicodeDecodeError):
         return []
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """True when ``path``, links resolved, lies inside ``folder`` (itself resolved)."""
+    try:
+        return path.resolve().is_relative_to(folder)
+    except OSError:
+        return False
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def _float(value: str | None) -> float | None:
@@ -159,11 +184,21 @@ class ViewerData:
         self.slides: dict[str, SlideRecord] = {}
         self._lock = threading.Lock()
         self._heatmaps: dict[str, HeatmapData] = {}
+        #: One line per refused id or ignored path column (the viewer starts on the rest).
+        self.warnings: list[str] = []
+        self._csv_paths: list[tuple[str, str, str]] = []  # (file:line, id, slide_path given)
         self._collect()
         if not self.slides:
             raise ViewerError(f"{self.out}: no slides found (no status.csv, patches/, heatmaps/ or predictions.csv)")
 
     # -- discovery ---------------------------------------------------------------------
+    def _safe(self, sid: str, where: str) -> bool:
+        """True for an id that names no other file; a refused one is skipped with a warning."""
+        problem = id_problem(sid)
+        if problem is not None:
+            self.warnings.append(f"{where}: slide id {sid!r} skipped: it {problem}")
+        return problem is None
+
     def _record(self, sid: str) -> SlideRecord:
         if sid not in self.slides:
             self.slides[sid] = SlideRecord(sid)
@@ -171,34 +206,62 @@ class ViewerData:
 
     def _collect(self) -> None:
         layout = Layout(self.out)
-        paths: dict[str, list[Path]] = {}
         if self.run is not None:
             for f in sorted(layout.heatmap_dir(self.run).glob("*.h5")):
-                self._record(f.stem).heatmap = f
-        for row in _read_csv(layout.status_csv):
-            if row.get("slide_id"):
-                rec = self._record(row["slide_id"])
-                if row.get("path"):
-                    paths.setdefault(rec.slide_id, []).append(Path(row["path"]))
+                if self._safe(f.stem, str(f)):
+                    self._record(f.stem).heatmap = f
+        for line, row in _read_csv(layout.status_csv):
+            if row.get("slide_id") and self._safe(row["slide_id"], f"{layout.status_csv}:{line}"):
+                self._record(row["slide_id"])
+        tiled: set[str] = set()
         for f in sorted(layout.patches_dir.glob("*.h5")):
+            if not self._safe(f.stem, str(f)):
+                continue
             rec = self._record(f.stem)
             try:
                 patches = h5.read_patches(f)
-            except WsiMilError:
+            except WsiMilError as exc:
+                rec.slide_error = str(exc)
+                tiled.add(rec.slide_id)
                 continue
+            tiled.add(rec.slide_id)
             if rec.n_patches is None:
                 rec.n_patches = len(patches.coords)
-            if patches.attrs.get("slide_path"):
-                paths.setdefault(rec.slide_id, []).append(Path(str(patches.attrs["slide_path"])))
-        self._predictions(paths)
+            self._recorded_slide(rec, f, patches.attrs)
+        self._predictions()
         self._labels()
+        slides_dir = layout.slides_dir
         for sid, rec in self.slides.items():
             mask = layout.mask(sid)
             rec.mask = mask if mask.is_file() else None
-            candidates = [*paths.get(sid, []), *sorted(layout.slides_dir.glob(f"{sid}.*"))]
-            rec.path = next((p for p in candidates if p.is_file()), None)
+            if sid not in tiled:  # no tiling record: only OUT/slides/<id>.*, inside OUT
+                inside = (p for p in sorted(slides_dir.glob(f"{sid}.*")) if p.is_file() and _inside(p, self.out))
+                rec.path = next(inside, None)
+        for where, sid, given in self._csv_paths:
+            rec = self.slides[sid]
+            if rec.path is None or not _same_file(Path(given), rec.path):
+                shown = rec.path if rec.path is not None else "none"
+                self.warnings.append(
+                    f"{where}: slide_path {given!r} of {sid!r} ignored: a slide is served from the file "
+                    f"its tiling recorded ({shown})"
+                )
 
-    def _predictions(self, paths: dict[str, list[Path]]) -> None:
+    def _recorded_slide(self, rec: SlideRecord, patches_file: Path, attrs: Any) -> None:
+        """The slide file ``patches/<id>.h5`` recorded, if it is still there (its content is checked on open)."""
+        path, fingerprint = attrs.get("slide_path"), attrs.get(SLIDE_FINGERPRINT)
+        if not path:
+            rec.slide_error = f"{patches_file} records no slide_path; re-run 'wsi-mil tile' on the slide"
+        elif not fingerprint:
+            rec.slide_error = (
+                f"{patches_file} records no {SLIDE_FINGERPRINT} (tiled by an older wsi-mil), so {path} cannot "
+                "be checked; re-run 'wsi-mil tile' on the slide"
+            )
+        elif not Path(str(path)).is_file() and not Path(str(path)).is_dir():
+            rec.slide_error = f"{path} (recorded by {patches_file}): slide file not found"
+        else:
+            rec.path, rec.fingerprint = Path(str(path)), str(fingerprint)
+
+    def _predictions(self) -> None:
         """Slide predictions, best source last so that it wins.
 
         ``heatmaps/<run>/index.csv`` (ensemble on slides the run may have trained on:
@@ -213,17 +276,17 @@ class ViewerData:
                 (layout.run_dir(self.run) / PREDICTIONS_FILE, "out-of-fold"),
             ]
         for csv_path, source in sources:
-            for row in _read_csv(csv_path):
-                self._prediction_row(row, source, paths)
+            for line, row in _read_csv(csv_path):
+                self._prediction_row(row, source, f"{csv_path}:{line}")
 
-    def _prediction_row(self, row: dict[str, str], source: str, paths: dict[str, list[Path]]) -> None:
+    def _prediction_row(self, row: dict[str, str], source: str, where: str) -> None:
         sid = row.get("slide_id")
-        if not sid:
+        if not sid or not self._safe(sid, where):
             return
         rec = self._record(sid)
-        for key in ("slide_path", "path"):
+        for key in ("slide_path", "path"):  # may agree with the tiling's record; never chooses the file
             if row.get(key):
-                paths.setdefault(sid, []).insert(0, Path(row[key]))
+                self._csv_paths.append((where, sid, row[key]))
         if row.get("label"):
             rec.label = row["label"]
         n = _float(row.get("n_patches"))
@@ -239,8 +302,10 @@ class ViewerData:
     def _labels(self) -> None:
         """Labels of the run's labels CSV (``slide_id,label`` or CLAM's ``case_id,slide_id,label``)."""
         path = _labels_csv(self.out, self.run)
-        for row in _read_csv(path) if path else []:
+        for line, row in _read_csv(path) if path else []:
             sid, label = row.get("slide_id"), row.get("label")
+            if not sid or not self._safe(sid, f"{path}:{line}"):
+                continue
             if sid in self.slides and label not in (None, ""):
                 self.slides[sid].label = label
 

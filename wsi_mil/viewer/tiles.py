@@ -12,7 +12,9 @@ import io
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +64,8 @@ class _DeepZoomSource:
     generator would read the whole of level 0 for a zoomed-out tile. Virtual tiles are
     read in bands from the nearest real level (:meth:`Slide.read_resized`); the coarsest
     virtual level is built once (in bands) and kept. tiffslide handles are not safe to
-    share between threads, so reads take a lock there.
+    share between threads, so reads take a per-slide lock there; OpenSlide's are (its C
+    library locks internally), so reads run in parallel.
     """
 
     def __init__(self, slide: Any) -> None:
@@ -77,6 +80,7 @@ class _DeepZoomSource:
             downs.append(w0 / dims[-1][0])
         self._dims, self._downs = tuple(dims), tuple(downs)
         self._coarsest: np.ndarray | None = None  # the last virtual level, once read
+        self._coarse_lock = threading.Lock()  # built once, even when tiles ask for it in parallel
 
     @property
     def dimensions(self) -> tuple[int, int]:
@@ -104,9 +108,10 @@ class _DeepZoomSource:
         ds = self._downs[level]
         if level < len(self._dims) - 1:
             return self._slide.read_resized(location, (round(size[0] * ds), round(size[1] * ds)), size)
-        if self._coarsest is None:
-            lw, lh = self._dims[level]
-            self._coarsest = self._slide.read_resized((0, 0), self._slide.dimensions, (lw, lh))
+        with self._coarse_lock:
+            if self._coarsest is None:
+                lw, lh = self._dims[level]
+                self._coarsest = self._slide.read_resized((0, 0), self._slide.dimensions, (lw, lh))
         out = np.full((size[1], size[0], 3), 255, np.uint8)
         x, y = int(round(location[0] / ds)), int(round(location[1] / ds))
         part = self._coarsest[max(y, 0) : y + size[1], max(x, 0) : x + size[0]]
@@ -127,57 +132,178 @@ class _DeepZoomSource:
         self._slide.close()
 
 
+class SlideChangedError(SlideError):
+    """The slide file is not the one its tiling read (its fingerprint differs): it is not served."""
+
+
+@dataclass
+class _Handle:
+    """One open slide and the requests reading it (closed when evicted and no longer read)."""
+
+    generator: Any
+    source: _DeepZoomSource
+    readers: int = 0
+    evicted: bool = False
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a slide's Deep Zoom pyramid looks like (kept after the slide is closed)."""
+
+    dzi: str
+    level_count: int
+    level_tiles: tuple[tuple[int, int], ...]
+    dimensions: tuple[int, int]
+
+
 class SlideTiles:
     """Open slides (a few at a time) and their Deep Zoom tiles, encoded and cached.
+
+    Handles are reference-counted: a request *borrows* the slide's handle for the time of
+    its read (:meth:`borrow`), and the least recently used handle, once more than
+    ``max_open`` are open, is closed only when its last borrower returns it. OpenSlide
+    aborts the process when a handle is closed during a read (its tile cache asserts), so
+    no close may race a read. While every handle is borrowed, more than ``max_open`` may be
+    open for a moment: at most one per concurrent request (the server's thread count).
 
     Parameters
     ----------
     backend : str
         Slide backend (``openslide`` or ``tiffslide``).
     max_open : int
-        Slides kept open at once; the least recently used is closed.
+        Slides kept open at once; the least recently used is closed once no request reads it.
     max_tiles : int
         Encoded tiles kept in memory.
     """
 
     def __init__(self, backend: str = "openslide", max_open: int = 8, max_tiles: int = 4096) -> None:
-        self.backend = backend
-        self._generators = LRU(max_open, on_evict=lambda g: g[1].close())
+        if max_open < 1:
+            raise WsiMilError(f"max_open must be at least 1, got {max_open}")
+        self.backend, self.max_open = backend, max_open
+        self._open: OrderedDict[tuple[str, str], _Handle] = OrderedDict()
+        self._lock = threading.Lock()  # guards _open, readers, evicted
+        self._opening: dict[tuple[str, str], threading.Lock] = {}
+        self._geometry: dict[tuple[str, str], Geometry] = {}
         self._tiles = LRU(max_tiles)
 
-    def generator(self, slide_id: str, path: Path) -> Any:
-        """The slide's ``DeepZoomGenerator`` (opened on first use)."""
-        return self._generators.get((slide_id, str(path)), lambda: self._open(slide_id, path))[0]
+    def open_count(self) -> int:
+        """Handles open now (borrowed or cached)."""
+        with self._lock:
+            return len(self._open)
 
-    def _open(self, slide_id: str, path: Path) -> tuple[Any, _DeepZoomSource]:
+    @contextmanager
+    def borrow(self, slide_id: str, path: Path, fingerprint: str | None = None) -> Iterator[Any]:
+        """The slide's ``DeepZoomGenerator``, open for the duration of the ``with`` block.
+
+        Parameters
+        ----------
+        slide_id : str
+            The slide's id (for messages).
+        path : Path
+            The slide file.
+        fingerprint : str, optional
+            :func:`~wsi_mil.io.provenance.slide_fingerprint` the file must still have; checked
+            each time the slide is opened (:class:`SlideChangedError` if it differs).
+        """
+        key = (slide_id, str(path))
+        handle = self._acquire(key)
+        if handle is None:
+            with self._lock:
+                opening = self._opening.setdefault(key, threading.Lock())
+            with opening:  # one thread opens a slide; the others wait for its handle
+                handle = self._acquire(key)
+                if handle is None:
+                    handle = self._make(slide_id, path, fingerprint)
+                    self._insert(key, handle)
+        try:
+            yield handle.generator
+        finally:
+            self._release(handle)
+
+    def _acquire(self, key: tuple[str, str]) -> _Handle | None:
+        with self._lock:
+            handle = self._open.get(key)
+            if handle is not None:
+                self._open.move_to_end(key)
+                handle.readers += 1
+            return handle
+
+    def _insert(self, key: tuple[str, str], handle: _Handle) -> None:
+        to_close = []
+        with self._lock:
+            handle.readers += 1
+            self._open[key] = handle
+            while len(self._open) > self.max_open:
+                _, old = self._open.popitem(last=False)
+                old.evicted = True
+                if old.readers == 0:
+                    to_close.append(old)
+        for old in to_close:
+            old.source.close()
+
+    def _release(self, handle: _Handle) -> None:
+        with self._lock:
+            handle.readers -= 1
+            close = handle.evicted and handle.readers == 0
+        if close:
+            handle.source.close()
+
+    def _make(self, slide_id: str, path: Path, fingerprint: str | None) -> _Handle:
         from openslide.deepzoom import DeepZoomGenerator
 
+        from wsi_mil.io.provenance import slide_fingerprint
         from wsi_mil.slide import open_slide
 
+        if fingerprint is not None:
+            now = slide_fingerprint(path)
+            if now != fingerprint:
+                raise SlideChangedError(
+                    slide_id,
+                    f"{path} is not the file that was tiled (fingerprint {now}, tiling recorded {fingerprint}); "
+                    "re-run 'wsi-mil tile' on it",
+                )
         try:
             source = _DeepZoomSource(open_slide(path, backend=self.backend))
         except WsiMilError:
             raise
         except Exception as exc:  # native readers raise many types
             raise SlideError(slide_id, f"cannot open {path} for the viewer ({exc})") from exc
-        return DeepZoomGenerator(source, SLIDE_TILE, SLIDE_OVERLAP, limit_bounds=False), source
+        gen = DeepZoomGenerator(source, SLIDE_TILE, SLIDE_OVERLAP, limit_bounds=False)
+        key = (slide_id, str(path))
+        if key not in self._geometry:
+            self._geometry[key] = Geometry(
+                gen.get_dzi("jpeg"), gen.level_count, tuple(gen.level_tiles), tuple(gen.level_dimensions[-1])
+            )
+        return _Handle(gen, source)
 
-    def dzi(self, slide_id: str, path: Path) -> str:
+    def geometry(self, slide_id: str, path: Path, fingerprint: str | None = None) -> Geometry:
+        """The slide's Deep Zoom geometry (the slide is opened, and checked, the first time)."""
+        key = (slide_id, str(path))
+        if key not in self._geometry:
+            with self.borrow(slide_id, path, fingerprint):
+                pass
+        return self._geometry[key]
+
+    def dzi(self, slide_id: str, path: Path, fingerprint: str | None = None) -> str:
         """The slide's DZI XML (JPEG tiles)."""
-        return self.generator(slide_id, path).get_dzi("jpeg")
+        return self.geometry(slide_id, path, fingerprint).dzi
 
-    def tile(self, slide_id: str, path: Path, level: int, col: int, row: int) -> bytes | None:
+    def tile(
+        self, slide_id: str, path: Path, level: int, col: int, row: int, fingerprint: str | None = None
+    ) -> bytes | None:
         """JPEG bytes of one tile, or None when the address is outside the pyramid."""
-        gen = self.generator(slide_id, path)
-        if not 0 <= level < gen.level_count:
+        geom = self.geometry(slide_id, path, fingerprint)
+        if not 0 <= level < geom.level_count:
             return None
-        cols, rows = gen.level_tiles[level]
+        cols, rows = geom.level_tiles[level]
         if not (0 <= col < cols and 0 <= row < rows):
             return None
 
         def make() -> bytes:
+            with self.borrow(slide_id, path, fingerprint) as gen:
+                img = gen.get_tile(level, (col, row))
             buf = io.BytesIO()
-            gen.get_tile(level, (col, row)).save(buf, "JPEG", quality=JPEG_QUALITY)
+            img.save(buf, "JPEG", quality=JPEG_QUALITY)
             return buf.getvalue()
 
         return self._tiles.get((slide_id, level, col, row), make)

@@ -1,0 +1,274 @@
+"""Load on a viewer in a child process: a synthetic cohort, the server, N keep-alive clients.
+
+Used by ``pipelines/benchmarks/viewer_load.py`` and ``tests/viewer/test_viewer_load.py``.
+The server runs as ``python -m wsi_mil.cli view`` in its own process, so an abort there
+(a native assertion, a segfault) is seen as its exit code rather than killing the caller.
+The clients are asyncio tasks, each on one persistent HTTP/1.1 connection (as a browser
+keeps them), fetching slide and overlay tiles of every slide in random order. Everything
+is loopback, bounded in time and in requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from wsi_mil.viewer.tiles import OVERLAY_TILE, SLIDE_TILE, dz_level_dimensions
+
+CLASSES = ("normal", "tumour")
+RUN = "load"
+#: Seconds one request may take before it counts as dropped.
+REQUEST_TIMEOUT_S = 15.0
+
+
+def build_cohort(root: str | Path, n_slides: int, size: tuple[int, int] = (4096, 3072), seed: int = 0) -> Path:
+    """Write ``n_slides`` synthetic slides, tile them and write heatmaps of made-up scores; return OUT.
+
+    Parameters
+    ----------
+    root : path-like
+        Folder that receives ``slides/`` and ``out/``.
+    n_slides : int
+        Slides in the cohort.
+    size : tuple of int
+        Level-0 (width, height) of each slide.
+    seed : int
+        Seed of the slides and scores.
+
+    Examples
+    --------
+    >>> out = build_cohort("/tmp/load", 6)  # doctest: +SKIP
+    """
+    from wsi_mil.heatmaps import HeatmapOptions, write_heatmaps
+    from wsi_mil.io import h5
+    from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
+    from wsi_mil.tiling.run import TileConfig, tile_slide
+
+    root = Path(root)
+    out = root / "out"
+    rng = np.random.default_rng(seed)
+    rows = []
+    options = HeatmapOptions(gallery_k=0, backend="tiffslide", png_max=128)
+    for i in range(n_slides):
+        sid = f"load_{i:03d}"
+        slide = root / "slides" / f"{sid}.tif"
+        slide.parent.mkdir(parents=True, exist_ok=True)
+        spec = SyntheticSpec(width=size[0], height=size[1], tumour=i % 2 == 1, n_tissue=2, seed=seed + i)
+        write_synthetic_slide(slide, spec)
+        tile_slide(slide, out, TileConfig(backend="tiffslide"))
+        patches = h5.read_patches(out / "patches" / f"{sid}.h5")
+        n = len(patches.coords)
+        p = np.clip(rng.uniform(0, 1, n), 0, 1)
+        attention = np.exp(3 * p) / np.exp(3 * p).sum()
+        probs = np.stack([1 - p, p], 1)
+        write_heatmaps(out, RUN, sid, slide, patches.coords, patches.patch_size_level0, attention, probs,
+                       list(CLASSES), options)  # fmt: skip
+        rows.append([sid, CLASSES[int(p.mean() > 0.5)], 1 - p.mean(), p.mean(), n])
+    with (out / "predictions.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["slide_id", "prediction", "prob_normal", "prob_tumour", "n_patches"])
+        w.writerows(rows)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def server_command(out: str | Path, port: int, *extra: str) -> list[str]:
+    """``python -m wsi_mil.cli view OUT --port PORT ...`` (loopback)."""
+    return [sys.executable, "-m", "wsi_mil.cli", "view", str(out), "--host", "127.0.0.1", "--port", str(port), *extra]
+
+
+def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """Status and body of one GET (HTTP errors included)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def start_server(command: list[str], base: str, log: Path, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
+    """Start the server ``command``, wait until ``base/api/slides`` answers; stderr/stdout go to ``log``.
+
+    Raises
+    ------
+    RuntimeError
+        The server exited or did not answer within ``timeout_s``.
+    """
+    fh = log.open("wb")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"viewer exited with {proc.returncode} at start: {log.read_text()[-2000:]}")
+        try:
+            if get(f"{base}/api/slides", 2.0)[0] == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"viewer did not answer within {timeout_s:.0f} s: {log.read_text()[-2000:]}")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> int | None:
+    """Interrupt the server (as Ctrl-C does) and return its exit code; None if it had to be killed."""
+    import signal
+
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return None
+    return proc.returncode
+
+
+def tile_urls(base: str) -> list[str]:
+    """Every slide and overlay tile path of every slide the server lists (attention and prob1)."""
+    import json
+
+    slides = json.loads(get(f"{base}/api/slides")[1])["slides"]
+    urls: list[str] = []
+    for s in slides:
+        q = quote(s["slide_id"], safe="")
+        info = json.loads(get(f"{base}/api/slides/{q}")[1])
+        if not info.get("dimensions"):
+            continue
+        dims = dz_level_dimensions(*info["dimensions"])
+        for level, (w, h) in enumerate(dims):
+            if info.get("dzi"):
+                cols, rows = -(-w // SLIDE_TILE), -(-h // SLIDE_TILE)
+                urls += [f"/slides/{q}_files/{level}/{c}_{r}.jpeg" for c in range(cols) for r in range(rows)]
+            if info.get("scores"):
+                cols, rows = -(-w // OVERLAY_TILE), -(-h // OVERLAY_TILE)
+                for score in ("attention", "prob1"):
+                    tiles = [f"{c}_{r}.png" for c in range(cols) for r in range(rows)]
+                    urls += [f"/overlay/{q}/{score}_files/{level}/{t}" for t in tiles]
+    return urls
+
+
+@dataclass
+class LoadResult:
+    """What the clients saw."""
+
+    clients: int
+    seconds: float
+    requests: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    dropped: int = 0
+    refused: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready figures: counts, 5xx, drops, latency percentiles (ms), requests per second."""
+        lat = np.asarray(self.latencies_ms or [np.nan])
+        pct = {f"p{q}_ms": round(float(np.percentile(lat, q)), 1) for q in (50, 95, 99)}
+        return {
+            "clients": self.clients,
+            "seconds": round(self.seconds, 1),
+            "requests": self.requests,
+            "per_second": round(self.requests / max(self.seconds, 1e-9), 1),
+            "status": {str(k): v for k, v in sorted(self.statuses.items())},
+            "5xx": sum(v for k, v in self.statuses.items() if k >= 500),
+            "dropped": self.dropped,
+            "refused": self.refused,
+            **pct,
+            "max_ms": round(float(np.max(lat)), 1),
+            "errors": dict(self.errors.most_common(5)),
+        }
+
+
+async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Read one response; (status, server closes the connection)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    if "content-length" not in headers:
+        raise ValueError("response without Content-Length")
+    await reader.readexactly(int(headers["content-length"]))
+    return status, headers.get("connection", "").lower() == "close"
+
+
+async def _client(
+    port: int, urls: list[str], rng: random.Random, deadline: float, budget: list[int], res: LoadResult
+) -> None:
+    reader: asyncio.StreamReader | None = None
+    writer: asyncio.StreamWriter | None = None
+    while time.monotonic() < deadline and budget[0] > 0:
+        budget[0] -= 1
+        if writer is None:
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            except OSError as exc:
+                res.refused += 1
+                res.errors[type(exc).__name__] += 1
+                await asyncio.sleep(0.05)
+                continue
+        assert reader is not None
+        url = rng.choice(urls)
+        t0 = time.perf_counter()
+        try:
+            writer.write(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            status, close = await asyncio.wait_for(_response(reader), REQUEST_TIMEOUT_S)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError) as exc:
+            res.dropped += 1
+            res.errors[type(exc).__name__] += 1
+            writer.close()
+            reader = writer = None
+            continue
+        res.requests += 1
+        res.latencies_ms.append((time.perf_counter() - t0) * 1000)
+        res.statuses[status] += 1
+        if close:
+            writer.close()
+            reader = writer = None
+    if writer is not None:
+        writer.close()
+
+
+def run_load(port: int, urls: list[str], clients: int, seconds: float, max_requests: int, seed: int = 0) -> LoadResult:
+    """``clients`` keep-alive clients fetching random ``urls`` for ``seconds`` (at most ``max_requests``).
+
+    Examples
+    --------
+    >>> run_load(8765, ["/api/slides"], clients=4, seconds=2, max_requests=100).summary()  # doctest: +SKIP
+    """
+    res = LoadResult(clients, seconds)
+    budget = [max_requests]
+
+    async def main() -> None:
+        deadline = time.monotonic() + seconds
+        rngs = [random.Random(seed * 1000 + i) for i in range(clients)]
+        await asyncio.gather(*(_client(port, urls, r, deadline, budget, res) for r in rngs))
+
+    t0 = time.monotonic()
+    asyncio.run(main())
+    res.seconds = time.monotonic() - t0
+    return res
