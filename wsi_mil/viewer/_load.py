@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,28 +149,86 @@ def stop_server(proc: subprocess.Popen[bytes]) -> int | None:
     return proc.returncode
 
 
-def tile_urls(base: str) -> list[str]:
-    """Every slide and overlay tile path of every slide the server lists (attention and prob1)."""
+@dataclass(frozen=True)
+class Pyramid:
+    """One slide as the page sees it: its URL id, Deep Zoom level sizes, and what it has."""
+
+    quoted_id: str
+    levels: list[tuple[int, int]]
+    slide: bool
+    overlay: bool
+
+    def tiles(self, level: int) -> list[str]:
+        """Every slide and overlay (attention, prob1) tile path of ``level``."""
+        w, h = self.levels[level]
+        q, urls = self.quoted_id, []
+        if self.slide:
+            urls += [f"/slides/{q}_files/{level}/{c}_{r}.jpeg" for c, r in _grid(w, h, SLIDE_TILE)]
+        if self.overlay:
+            for score in ("attention", "prob1"):
+                urls += [f"/overlay/{q}/{score}_files/{level}/{c}_{r}.png" for c, r in _grid(w, h, OVERLAY_TILE)]
+        return urls
+
+
+def _grid(w: int, h: int, tile: int) -> list[tuple[int, int]]:
+    return [(c, r) for c in range(-(-w // tile)) for r in range(-(-h // tile))]
+
+
+def pyramids(base: str) -> list[Pyramid]:
+    """The slides the server lists, with a slide or heatmap to show."""
     import json
 
-    slides = json.loads(get(f"{base}/api/slides")[1])["slides"]
-    urls: list[str] = []
-    for s in slides:
+    found = []
+    for s in json.loads(get(f"{base}/api/slides")[1])["slides"]:
         q = quote(s["slide_id"], safe="")
         info = json.loads(get(f"{base}/api/slides/{q}")[1])
-        if not info.get("dimensions"):
-            continue
-        dims = dz_level_dimensions(*info["dimensions"])
-        for level, (w, h) in enumerate(dims):
-            if info.get("dzi"):
+        if info.get("dimensions") and (info.get("dzi") or info.get("scores")):
+            levels = dz_level_dimensions(*info["dimensions"])
+            found.append(Pyramid(q, levels, bool(info.get("dzi")), bool(info.get("scores"))))
+    return found
+
+
+def uniform(slides: list[Pyramid]) -> Callable[[random.Random], Iterator[str]]:
+    """Workload ``cold``: any tile of any slide, equally likely (nearly every request a cache miss)."""
+    urls = [u for p in slides for lv in range(len(p.levels)) for u in p.tiles(lv)]
+
+    def work(rng: random.Random) -> Iterator[str]:
+        while True:
+            yield rng.choice(urls)
+
+    return work
+
+
+def browsing(slides: list[Pyramid], views: int = 4, view_tiles: tuple[int, int] = (4, 3)) -> Callable[
+    [random.Random], Iterator[str]
+]:  # fmt: skip
+    """Workload ``browse``: what OpenSeadragon asks while a reader looks at slides.
+
+    Each client opens a random slide (every tile of the levels that fit in 2 × 2 tiles, as
+    the page does on opening), then looks at ``views`` random viewports of ``view_tiles``
+    tiles at one of the three finest levels, slide and overlay tiles together, and moves on
+    to another slide. Overview tiles are shared by all readers; viewports rarely are.
+    """
+
+    def work(rng: random.Random) -> Iterator[str]:
+        while True:
+            p = rng.choice(slides)
+            for level, (w, h) in enumerate(p.levels):
+                if -(-w // SLIDE_TILE) * -(-h // SLIDE_TILE) <= 4:
+                    yield from p.tiles(level)
+            for _ in range(views):
+                level = rng.randrange(max(0, len(p.levels) - 3), len(p.levels))
+                w, h = p.levels[level]
                 cols, rows = -(-w // SLIDE_TILE), -(-h // SLIDE_TILE)
-                urls += [f"/slides/{q}_files/{level}/{c}_{r}.jpeg" for c in range(cols) for r in range(rows)]
-            if info.get("scores"):
-                cols, rows = -(-w // OVERLAY_TILE), -(-h // OVERLAY_TILE)
-                for score in ("attention", "prob1"):
-                    tiles = [f"{c}_{r}.png" for c in range(cols) for r in range(rows)]
-                    urls += [f"/overlay/{q}/{score}_files/{level}/{t}" for t in tiles]
-    return urls
+                c0, r0 = rng.randrange(cols), rng.randrange(rows)
+                for c in range(c0, min(cols, c0 + view_tiles[0])):
+                    for r in range(r0, min(rows, r0 + view_tiles[1])):
+                        if p.slide:
+                            yield f"/slides/{p.quoted_id}_files/{level}/{c}_{r}.jpeg"
+                        if p.overlay:
+                            yield f"/overlay/{p.quoted_id}/attention_files/{level}/{c}_{r}.png"
+
+    return work
 
 
 @dataclass
@@ -216,9 +275,7 @@ async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:
     return status, headers.get("connection", "").lower() == "close"
 
 
-async def _client(
-    port: int, urls: list[str], rng: random.Random, deadline: float, budget: list[int], res: LoadResult
-) -> None:
+async def _client(port: int, urls: Iterator[str], deadline: float, budget: list[int], res: LoadResult) -> None:
     reader: asyncio.StreamReader | None = None
     writer: asyncio.StreamWriter | None = None
     while time.monotonic() < deadline and budget[0] > 0:
@@ -232,7 +289,7 @@ async def _client(
                 await asyncio.sleep(0.05)
                 continue
         assert reader is not None
-        url = rng.choice(urls)
+        url = next(urls)
         t0 = time.perf_counter()
         try:
             writer.write(f"GET {url} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
@@ -253,20 +310,28 @@ async def _client(
         writer.close()
 
 
-def run_load(port: int, urls: list[str], clients: int, seconds: float, max_requests: int, seed: int = 0) -> LoadResult:
-    """``clients`` keep-alive clients fetching random ``urls`` for ``seconds`` (at most ``max_requests``).
+def run_load(
+    port: int,
+    workload: Callable[[random.Random], Iterator[str]],
+    clients: int,
+    seconds: float,
+    max_requests: int,
+    seed: int = 0,
+) -> LoadResult:
+    """``clients`` keep-alive clients, each following ``workload``, for ``seconds`` (at most ``max_requests``).
 
     Examples
     --------
-    >>> run_load(8765, ["/api/slides"], clients=4, seconds=2, max_requests=100).summary()  # doctest: +SKIP
+    >>> base = "http://127.0.0.1:8765"  # doctest: +SKIP
+    >>> run_load(8765, browsing(pyramids(base)), clients=4, seconds=2, max_requests=100).summary()  # doctest: +SKIP
     """
     res = LoadResult(clients, seconds)
     budget = [max_requests]
 
     async def main() -> None:
         deadline = time.monotonic() + seconds
-        rngs = [random.Random(seed * 1000 + i) for i in range(clients)]
-        await asyncio.gather(*(_client(port, urls, r, deadline, budget, res) for r in rngs))
+        streams = [workload(random.Random(seed * 1000 + i)) for i in range(clients)]
+        await asyncio.gather(*(_client(port, s, deadline, budget, res) for s in streams))
 
     t0 = time.monotonic()
     asyncio.run(main())

@@ -32,26 +32,48 @@ JPEG_QUALITY = 80
 
 
 class LRU:
-    """A small thread-safe least-recently-used cache of computed values."""
+    """A small thread-safe least-recently-used cache of computed values.
+
+    A value is made once even when many threads miss on it together (the others wait for
+    it): 50 readers opening the same slide ask for the same overview tiles at once.
+    """
 
     def __init__(self, maxsize: int, on_evict: Callable[[Any], None] | None = None) -> None:
         self.maxsize, self.on_evict = maxsize, on_evict
         self._items: OrderedDict[Any, Any] = OrderedDict()
+        self._making: dict[Any, threading.Event] = {}
         self._lock = threading.Lock()
 
     def get(self, key: Any, make: Callable[[], Any]) -> Any:
-        """The cached value of ``key``, made (outside the lock) on a miss."""
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        value = make()
-        with self._lock:
+        """The cached value of ``key``, made (outside the lock, by one thread) on a miss."""
+        while True:
+            with self._lock:
+                if key in self._items:
+                    self._items.move_to_end(key)
+                    return self._items[key]
+                event = self._making.get(key)
+                if event is None:
+                    event = self._making[key] = threading.Event()
+                    break
+            event.wait()  # another thread makes it; if that failed, try in turn
+        try:
+            value = make()
+        except BaseException:
+            with self._lock:
+                del self._making[key]
+            event.set()
+            raise
+        evicted = []
+        with self._lock:  # stored before the waiters wake, so they find it
+            del self._making[key]
             self._items[key] = value
             self._items.move_to_end(key)
             while len(self._items) > self.maxsize:
-                _, old = self._items.popitem(last=False)
-                if self.on_evict is not None and old is not value:
+                evicted.append(self._items.popitem(last=False)[1])
+        event.set()
+        if self.on_evict is not None:
+            for old in evicted:
+                if old is not value:
                     self.on_evict(old)
         return value
 
