@@ -92,25 +92,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def server_command(out: str | Path, port: int, *extra: str) -> list[str]:
-    """``python -m wsi_mil.cli view OUT --port PORT ...`` (loopback)."""
-    return [sys.executable, "-m", "wsi_mil.cli", "view", str(out), "--host", "127.0.0.1", "--port", str(port), *extra]
+def server_command(out: str | Path, port: int, *extra: str, host: str = "127.0.0.1") -> list[str]:
+    """``python -m wsi_mil.cli view OUT --host HOST --port PORT ...`` (loopback by default)."""
+    return [sys.executable, "-m", "wsi_mil.cli", "view", str(out), "--host", host, "--port", str(port), *extra]
 
 
-def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+def get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
     """Status and body of one GET (HTTP errors included)."""
     import urllib.error
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=timeout) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
 
 
 def start_server(command: list[str], base: str, log: Path, timeout_s: float = 60.0) -> subprocess.Popen[bytes]:
-    """Start the server ``command``, wait until ``base/api/slides`` answers; stderr/stdout go to ``log``.
+    """Start the server ``command``, wait until ``base/api/slides`` answers at all; output goes to ``log``.
 
     Raises
     ------
@@ -125,8 +125,8 @@ def start_server(command: list[str], base: str, log: Path, timeout_s: float = 60
         if proc.poll() is not None:
             raise RuntimeError(f"viewer exited with {proc.returncode} at start: {log.read_text()[-2000:]}")
         try:
-            if get(f"{base}/api/slides", 2.0)[0] == 200:
-                return proc
+            get(f"{base}/api/slides", 2.0)  # any HTTP answer (a 403 without the token too): it is up
+            return proc
         except OSError:
             pass
         time.sleep(0.2)
