@@ -62,3 +62,15 @@ def viewer_out(tmp_path_factory: pytest.TempPathFactory) -> ViewerOut:
         w.writerow(["ghost_2", "normal", 0.9, 0.1, 0])
     data = h5.read_heatmap_data(out / "heatmaps" / RUN / "case_1.h5")
     return ViewerOut(out, "case_1", slide, width, height, data)
+
+
+def record_slide(out: Path, sid: str, slide: Path, fingerprint: str | None = None) -> None:
+    """Point ``patches/<id>.h5`` at ``slide`` as a tiling of it would (its fingerprint, unless given)."""
+    import h5py
+
+    from wsi_mil.io.provenance import slide_fingerprint
+
+    fp = fingerprint if fingerprint is not None else slide_fingerprint(slide)
+    with h5py.File(out / "patches" / f"{sid}.h5", "r+") as f:
+        for attrs in (f.attrs, f["coords"].attrs):
+            attrs["slide_path"], attrs["slide_fingerprint"] = str(slide), fp

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.viewer.conftest import CLASSES, RUN, ViewerOut
+from tests.viewer.conftest import CLASSES, RUN, ViewerOut, record_slide
 from wsi_mil.heatmaps.scores import colour_lut
 from wsi_mil.viewer.app import STATIC_DIR, create_app
 from wsi_mil.viewer.data import ViewerError
@@ -355,24 +355,12 @@ def test_live_server_serves_and_checks_host(live_server: str) -> None:
     assert status == 400  # DNS rebinding guard of a loopback server
 
 
-def _record_slide(out: Path, sid: str, slide: Path, fingerprint: str | None = None) -> None:
-    """Point ``patches/<id>.h5`` at ``slide`` as a tiling would have (the fingerprint of that file)."""
-    import h5py
-
-    from wsi_mil.io.provenance import slide_fingerprint
-
-    fp = fingerprint if fingerprint is not None else slide_fingerprint(slide)
-    with h5py.File(out / "patches" / f"{sid}.h5", "r+") as f:
-        for attrs in (f.attrs, f["coords"].attrs):
-            attrs["slide_path"], attrs["slide_fingerprint"] = str(slide), fp
-
-
 def test_unreadable_slide_file_is_a_500_naming_it(tmp_path: Path, viewer_out: ViewerOut) -> None:
     out = tmp_path / "out"
     shutil.copytree(viewer_out.out, out)
     bad = tmp_path / "case_1.svs"
     bad.write_text("not a slide")
-    _record_slide(out, "case_1", bad)
+    record_slide(out, "case_1", bad)
     with TestClient(create_app(out, require_static=False)) as c:
         info = c.get("/api/slides/case_1").json()
         assert info["dzi"] is None and str(bad) in info["slide_error"]
