@@ -3,7 +3,9 @@
 Every route answers ``GET`` (and ``HEAD``) only; slides are addressed by id and looked up
 in :class:`~wsi_mil.viewer.data.ViewerData`, never by a path taken from the request, and
 static files come from the package's ``static/`` folder through Starlette's
-``StaticFiles`` (which refuses paths outside it).
+``StaticFiles`` (which refuses paths outside it). With a token (always, off loopback)
+:class:`~wsi_mil.viewer.auth.TokenGate` answers 403 to a request without it. A slide whose
+file is no longer the one that was tiled answers 409; one that cannot be read, 500.
 
 Routes
 ------

@@ -3,6 +3,14 @@
 Everything is looked up by slide id; a request never names a file. The set of slides is
 fixed when :class:`ViewerData` is built (from ``heatmaps/<run>/``, ``patches/``,
 ``status.csv`` and the predictions CSV), so an unknown id is simply not there.
+
+What ``OUT`` says is not trusted blindly. Every id read from it (file stems, CSV rows,
+the labels CSV) is checked with :func:`wsi_mil.io.ids.id_problem`; a refused one is
+skipped with one warning line (:attr:`ViewerData.warnings`) and the viewer starts on the
+rest. A slide file is the one ``patches/<id>.h5`` recorded (``slide_path``), served only
+while its content still matches the recorded ``slide_fingerprint`` (checked each time the
+slide is opened); a ``slide_path``/``path`` column of a CSV never chooses the file. A slide
+without a patch file may only be ``OUT/slides/<id>.*`` that resolves inside ``OUT``.
 """
 
 from __future__ import annotations
