@@ -148,7 +148,9 @@ def test_partials_of_other_hosts_and_of_older_versions_wait_a_day(tmp_path: Path
         "foreign_new": (tmp_path / "sub" / ".b~123@some-other-node~x2.h5.partial", fresh),
         "unnamed_old": (tmp_path / ".c.k3j4.h5.partial", old),
         "unnamed_new": (tmp_path / ".d.k3j5.h5.partial", fresh),
-        "mine": (tmp_path / f".e~{os.getpid()}@{host_tag()}~x3.h5.partial", old),
+        "mine": (tmp_path / f".e~{os.getpid()}@{host_tag()}~x3.h5.partial", fresh),
+        # this pid, but written before this process started: a dead run's with the same pid
+        "my_pid_before_me": (tmp_path / f".g~{os.getpid()}@{host_tag()}~x5.h5.partial", old),
         # pid 1 lives, but started after this partial was last written: a reused pid.
         "reused_pid": (tmp_path / f".f~1@{host_tag()}~x4.h5.partial", 1_000.0),
     }
@@ -160,6 +162,6 @@ def test_partials_of_other_hosts_and_of_older_versions_wait_a_day(tmp_path: Path
     zarr.parent.mkdir()
     zarr.write_text("x")
     os.utime(zarr, (old, old))
-    assert remove_orphan_partials(tmp_path) == 3
+    assert remove_orphan_partials(tmp_path) == 4
     left = {k for k, (p, _) in files.items() if p.exists()}
     assert left == {"foreign_new", "unnamed_new", "mine"} and zarr.exists()

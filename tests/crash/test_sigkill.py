@@ -67,9 +67,9 @@ def clean(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 # --------------------------------------------------------------------------- helpers
 
 
-def wsi(args: list[str]) -> subprocess.CompletedProcess:
-    """Run ``wsi-mil ARGS`` to the end; fail the test on a non-zero exit."""
-    r = subprocess.run([WSI, *args], capture_output=True, text=True, timeout=300)
+def wsi(args: list[str], prefix: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """Run ``wsi-mil ARGS`` to the end (after ``prefix``); fail the test on a non-zero exit."""
+    r = subprocess.run([*prefix, WSI, *args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"wsi-mil {' '.join(args)}: rc {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
 
@@ -79,13 +79,16 @@ def partials(root: Path) -> list[Path]:
     return [Path(d) / n for d, ds, fs in os.walk(root) for n in ds + fs if n.endswith(".partial")]
 
 
-def kill_mid_work(args: list[str], busy: Callable[[], bool], log: Path, timeout: float = 120.0) -> float:
-    """Start ``wsi-mil ARGS``, SIGKILL its whole process group as soon as ``busy()`` is true.
+def kill_mid_work(
+    args: list[str], busy: Callable[[], bool], log: Path, timeout: float = 120.0, prefix: tuple[str, ...] = ()
+) -> float:
+    """Start ``wsi-mil ARGS`` (after ``prefix``), SIGKILL its whole process group as soon as
+    ``busy()`` is true.
 
     Returns the seconds it ran. Fails when the command ended before it was seen at work.
     """
     with log.open("wb") as fh:
-        proc = subprocess.Popen([WSI, *args], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([*prefix, WSI, *args], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     t0 = time.monotonic()
     try:
         while not busy():
@@ -400,3 +403,27 @@ def test_run_killed_mid_work_then_rerun_matches_a_clean_run(cohort: Path, tmp_pa
     same_bags(out, ref, ids)
     same_run(out / "models" / RUN, ref / "models" / RUN)
     same_heatmaps(out / "heatmaps" / RUN, ref / "heatmaps" / RUN)
+
+
+#: A fresh PID namespace, as a container gives: the command runs as pid 1 every time.
+CONTAINER = ("unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--mount-proc")
+
+
+def test_extract_killed_in_a_container_then_rerun_as_the_same_pid_removes_the_partial(
+    clean: Path, tmp_path: Path
+) -> None:
+    """Each run of a container has the same pid (1): the re-run must not take the dead
+    run's partial for its own write in progress (it did, and the partial stayed forever)."""
+    if shutil.which("unshare") is None or subprocess.run([*CONTAINER, "true"], capture_output=True).returncode:
+        pytest.skip("no user and PID namespaces here (unshare)")
+    out = tmp_path / "out"
+    copy_stage_inputs(clean, out, "patches")
+    args = ["extract", "--out", str(out), "--encoder", "texture"]
+    bags = out / "features" / "texture" / "h5_files"
+    kill_mid_work(args, any_partial(bags), tmp_path / "killed.log", prefix=CONTAINER)
+    from wsi_mil.io.atomic import partial_owner
+
+    assert [partial_owner(p)[0] for p in partials(bags)] == [1]  # type: ignore[index]
+    wsi(args, prefix=CONTAINER)
+    assert_left_clean(out)
+    same_bags(out, clean, sorted(p.stem for p in (clean / "patches").glob("*.h5")))

@@ -23,6 +23,13 @@ from pathlib import Path
 #: its process cannot be checked from here, and no single write takes a day.
 FOREIGN_PARTIAL_AGE_S = 24 * 3600.0
 
+#: When this module was loaded in this process: every partial this process names (here and in
+#: the status store, which imports this module) is created later, and a partial written
+#: before it under this process's pid is a dead predecessor's with the same pid.
+_LOADED = time.time()
+#: File times come from the kernel's coarse clock, up to a tick behind ``time.time()``.
+_CLOCK_SLACK_S = 0.02
+
 _OWNER = re.compile(r"~(\d+)@([A-Za-z0-9-]*)~[^~]*\.partial$")
 _umask_lock = threading.Lock()
 
@@ -138,7 +145,8 @@ def is_orphan(
     """True when a partial's writer is gone, so removing it cannot hurt anyone.
 
     Own host: the owner pid is not running (or was reused by a process started after the
-    partial was last written). Another host, or a name without an owner (older versions):
+    partial was last written — this process included, as when each run of a container is
+    pid 1). Another host, or a name without an owner (older versions):
     the partial was last modified more than ``max_age`` seconds ago.
 
     Parameters
@@ -164,7 +172,10 @@ def is_orphan(
     if owner is not None and owner[1] == host_tag():
         pid = owner[0]
         if pid == os.getpid():
-            return False  # this process: a write in progress (or about to be cleaned by it)
+            # This process's own write in progress — unless the partial is older than this
+            # process: a killed run that had the same pid (a container starts every run as
+            # the same pid, often 1), whose partial would otherwise never be removed.
+            return mtime < _LOADED - _CLOCK_SLACK_S
         return not _alive(pid) or _started_after(pid, mtime)
     return (time.time() if now is None else now) - mtime > max_age
 
