@@ -220,12 +220,13 @@ def browsing(slides: list[Pyramid], views: int = 4, view_tiles: tuple[int, int] 
                 level = rng.randrange(max(0, len(p.levels) - 3), len(p.levels))
                 w, h = p.levels[level]
                 cols, rows = -(-w // SLIDE_TILE), -(-h // SLIDE_TILE)
+                ov_cols, ov_rows = -(-w // OVERLAY_TILE), -(-h // OVERLAY_TILE)  # 256 px: maybe one fewer
                 c0, r0 = rng.randrange(cols), rng.randrange(rows)
                 for c in range(c0, min(cols, c0 + view_tiles[0])):
                     for r in range(r0, min(rows, r0 + view_tiles[1])):
                         if p.slide:
                             yield f"/slides/{p.quoted_id}_files/{level}/{c}_{r}.jpeg"
-                        if p.overlay:
+                        if p.overlay and c < ov_cols and r < ov_rows:
                             yield f"/overlay/{p.quoted_id}/attention_files/{level}/{c}_{r}.png"
 
     return work
