@@ -255,6 +255,7 @@ class LoadResult:
             "requests": self.requests,
             "per_second": round(self.requests / max(self.seconds, 1e-9), 1),
             "status": {str(k): v for k, v in sorted(self.statuses.items())},
+            "4xx": sum(v for k, v in self.statuses.items() if 400 <= k < 500),
             "5xx": sum(v for k, v in self.statuses.items() if k >= 500),
             "dropped": self.dropped,
             "refused": self.refused,
