@@ -98,7 +98,7 @@ def test_wrong_type_is_one_line_naming_file_and_key(tmp_path: Path, case: Case) 
         ("train", TrainConfig, {"cv.folds": -5}, r"cv\.folds must be >= 2"),
         ("train", TrainConfig, {"model.dropout": 1.5}, r"model\.dropout"),
         ("tile", TileConfig, {"patch_size": -256}, "patch_size must be ≥ 8"),
-        ("tile", TileConfig, {"target_mpp": -0.5}, "target_mpp positive"),
+        ("tile", TileConfig, {"target_mpp": -0.5}, "target_mpp must be a positive"),
         ("tile", TileConfig, {"segment.seg_mpp": 0}, r"segment: seg_mpp must be positive"),
         ("tile", TileConfig, {"overlap": 1.0}, r"overlap must be in \[0, 1\)"),
         ("extract", ExtractConfig, {"batch_size": 0}, "batch_size must be ≥ 1"),
@@ -108,7 +108,18 @@ def test_wrong_type_is_one_line_naming_file_and_key(tmp_path: Path, case: Case) 
 def test_out_of_range_values_are_refused(stage: str, cls: type, overrides: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match) as exc:
         load_config(cls, stage, "default", overrides)
-    assert str(exc.value).startswith(str(preset_path(stage, "default"))) and "\n" not in str(exc.value)
+    # The preset is fine by itself, so the message names the flag that broke it, not the file.
+    flag = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    assert str(exc.value).startswith(f"flag {flag}: ") and "\n" not in str(exc.value)
+
+
+def test_a_file_out_of_range_is_named_even_with_flags(tmp_path: Path) -> None:
+    cfg = tmp_path / "train.yaml"
+    cfg.write_text("optim: {lr: -1}\n")
+    with pytest.raises(ConfigError, match=r"train\.yaml: optim\.lr must be positive"):
+        load_config(TrainConfig, "train", cfg, {"optim.epochs": 3})
+    with pytest.raises(ConfigError, match=r"^flag optim\.lr=nan: optim\.lr must be a finite number"):
+        load_config(TrainConfig, "train", cfg, {"optim.lr": float("nan")})
 
 
 def test_typing_rules() -> None:

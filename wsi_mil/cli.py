@@ -49,17 +49,27 @@ def err(message: str) -> None:
 
 
 def handles_errors(fn: F) -> F:
-    """Turn WsiMilError into one line and exit 1 (traceback only with --debug)."""
+    """Turn any error into one line on stderr and exit 1 (the traceback only with --debug).
+
+    A :class:`WsiMilError` is the user's to fix and printed as it is; anything else is a
+    bug of wsi-mil, printed as one line that says so.
+    """
+    import click
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except WsiMilError as exc:
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
             ctx = click_context()
             if ctx is not None and (ctx.find_root().obj or {}).get("debug"):
                 raise
-            err(f"error: {exc}")
+            text = " ".join(str(exc).split())  # one line, whatever the message held
+            if not isinstance(exc, WsiMilError):
+                text = f"unexpected {type(exc).__name__}: {text} (a bug in wsi-mil; --debug shows the traceback)"
+            err(f"error: {text}")
             raise typer.Exit(1) from exc
 
     return wrapper  # type: ignore[return-value]

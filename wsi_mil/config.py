@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -140,8 +142,9 @@ def load_config(cls: type[T], stage: str, config: str | os.PathLike[str] | None 
     overrides : mapping, optional
         Flag values by dotted key (``{"segment.seg_mpp": 4}``); ``None`` means "not given".
     source, prefix : str, optional
-        How errors name the origin (default: the file) and the keys (``"tile"`` names
-        ``tile.patch_size``), for a section of a larger file.
+        How errors name the origin (default: the file, or ``flag <key>=<value>`` when an
+        override is the cause) and the keys (``"tile"`` names ``tile.patch_size``), for a
+        section of a larger file; with ``source`` the overrides count as that origin's.
 
     Raises
     ------
@@ -162,10 +165,20 @@ def load_config(cls: type[T], stage: str, config: str | os.PathLike[str] | None 
             data = data[stage]
     where = source or (str(path) if path is not None else "defaults")
     try:
-        data = apply_overrides(data, overrides)
+        merged = apply_overrides(data, overrides)
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from exc
-    return from_mapping(cls, data, where, prefix)
+    try:
+        return from_mapping(cls, merged, where, prefix)
+    except ConfigError as exc:
+        # A value given as a flag is named as the flag, not as the file it overrides (a
+        # caller naming ``source`` passes its own file's settings as overrides).
+        given = {} if source else {k: v for k, v in flatten(overrides or {}).items() if v is not None}
+        blamed = {k: v for k, v in given.items() if re.search(rf"\b{re.escape(k.rsplit('.', 1)[-1])}\b", str(exc))}
+        if not blamed:
+            raise
+        flags = ", ".join(f"{k}={v!r}" for k, v in blamed.items())
+        raise ConfigError(str(exc).replace(where, f"flag{'s' if len(blamed) > 1 else ''} {flags}", 1)) from exc
 
 
 # --------------------------------------------------------------------------- typing
@@ -271,6 +284,8 @@ def _coerce(hint: Any, value: Any, source: str, key: str) -> Any:
                 value = float(value)
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # no setting means anything by NaN or infinity
+            raise ConfigError(f"{source}: {key} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):

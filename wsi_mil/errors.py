@@ -38,3 +38,14 @@ class MissingMppError(SlideError):
 
 class BagError(WsiMilError):
     """A feature bag or patch file is missing, incomplete or malformed."""
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first non-blank line of an error message (a library's multi-line advice cut to its cause).
+
+    Examples
+    --------
+    >>> first_line(ValueError("\\nbad header\\nsee the docs at ..."))
+    'bad header'
+    """
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)

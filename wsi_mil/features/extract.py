@@ -70,8 +70,12 @@ class ExtractConfig:
     pt: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.workers < -1 or self.supertile < 0:
-            raise ConfigError("batch_size must be ≥ 1, supertile ≥ 0 (auto) and workers ≥ -1 (auto)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.workers < -1:
+            raise ConfigError(f"workers must be ≥ 0, or -1 for auto, got {self.workers}")
+        if self.supertile < 0:
+            raise ConfigError(f"supertile must be ≥ 1, or 0 for auto, got {self.supertile}")
         if not 0.0 <= self.max_unreadable < 1.0:
             raise ConfigError(f"max_unreadable must be in [0, 1), got {self.max_unreadable}")
 
@@ -156,7 +160,7 @@ def is_extracted(
             if expected is not None and str(a.get(PROVENANCE, "")) != digest(expected):
                 return False
             return n_expected is None or int(a.get("n_patches_tiled", -1)) == n_expected
-    except (OSError, KeyError, ValueError):
+    except h5.READ_ERRORS:  # a damaged or foreign file is not a complete bag
         return False
 
 

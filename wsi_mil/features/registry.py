@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import WsiMilError, first_line
 
 if TYPE_CHECKING:  # torch is imported lazily: importing wsi_mil.features loads nothing heavy
     from torch import nn
@@ -207,8 +207,12 @@ def read_state_dict(path: str | Path, encoder: str) -> dict[str, Any]:
         else:
             sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:  # safetensors / pickle raise many types on bad files
+        text = str(exc)
+        # torch.load's weights_only refusal is a page of advice; its cause follows this marker.
+        cause = first_line(text.split("WeightsUnpickler error:", 1)[-1]) if text else type(exc).__name__
         raise EncoderError(
-            f"{encoder}: cannot read weights file {p} ({type(exc).__name__}: {exc})"
+            f"{encoder}: cannot read weights file {p} ({type(exc).__name__}: {cause}); give a "
+            ".safetensors file or a PyTorch state dict of this architecture, or --weights random"
         ) from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
@@ -238,10 +242,11 @@ def load_weights(
     sd = {k: v for k, v in sd.items() if not k.startswith(ignore)}
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
-    except RuntimeError as exc:  # shape mismatches
+    except (RuntimeError, TypeError, AttributeError, ValueError) as exc:  # shapes, non-tensor values
         first = str(exc).splitlines()[1:2] or [str(exc)]
         raise EncoderError(
-            f"{encoder}: weights in {path} do not fit the model ({first[0].strip()})"
+            f"{encoder}: weights in {path} do not fit the model ({first[0].strip()}); "
+            "wrong architecture?"
         ) from exc
     if missing:
         raise EncoderError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,15 @@ class SlideInput:
 
 
 def _from_csv(path: Path) -> list[SlideInput]:
+    try:
+        return _read_csv(path)
+    except UnicodeDecodeError as exc:
+        raise WsiMilError(f"{path}: slide CSV is not UTF-8 text (byte offset {exc.start}); save it as UTF-8") from exc
+    except (OSError, csv.Error) as exc:
+        raise WsiMilError(f"{path}: cannot read slide CSV ({' '.join(str(exc).split())})") from exc
+
+
+def _read_csv(path: Path) -> list[SlideInput]:
     with path.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip() for c in reader.fieldnames or []]
@@ -33,6 +43,8 @@ def _from_csv(path: Path) -> list[SlideInput]:
         out = []
         for lineno, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+            if "\x00" in row[col]:
+                raise WsiMilError(f"{path}:{lineno}: slide path holds a NUL character")
             p = Path(row[col])
             if not p.is_absolute():
                 p = (path.parent / p).resolve()
@@ -42,7 +54,7 @@ def _from_csv(path: Path) -> list[SlideInput]:
                     mpp = float(row["mpp"])
                 except ValueError as exc:
                     raise WsiMilError(f"{path}:{lineno}: mpp {row['mpp']!r} is not a number") from exc
-                if mpp <= 0:
+                if not (math.isfinite(mpp) and mpp > 0):
                     raise WsiMilError(f"{path}:{lineno}: mpp must be positive, got {mpp}")
             sid = check_slide_id(row.get("slide_id") or slide_id_from_path(p), f"{path}:{lineno}")
             out.append(SlideInput(p, sid, mpp, row.get("case_id") or None))

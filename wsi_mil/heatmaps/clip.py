@@ -66,11 +66,15 @@ def read_tissue_polygons(path: str | os.PathLike[str]) -> list[list[np.ndarray]]
     path = Path(path)
     try:
         collection = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise WsiMilError(f"{path}: not a readable tissue GeoJSON ({exc})") from exc
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise WsiMilError(f"{path}: not a readable tissue GeoJSON ({' '.join(str(exc).split())})") from exc
     out: list[list[np.ndarray]] = []
-    for feature in collection.get("features", []):
-        _collect(feature.get("geometry") or {}, out)
+    try:
+        for feature in collection.get("features") or []:
+            _collect(feature.get("geometry") or {}, out)
+    except (AttributeError, TypeError, KeyError, ValueError, RecursionError) as exc:
+        raise WsiMilError(f"{path}: not a GeoJSON FeatureCollection of polygons ({type(exc).__name__}: "
+                          f"{' '.join(str(exc).split())}); export the mask again") from exc
     return out
 
 

@@ -102,6 +102,25 @@ def write_patches(path: str | os.PathLike[str], coords: np.ndarray, attrs: Mappi
             f.attrs[key] = _attr_value(value)
 
 
+#: What h5py and NumPy raise on a damaged file or a dataset of the wrong kind (a group where
+#: a dataset belongs, strings where numbers do, an attribute of a type NumPy cannot hold).
+READ_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError)
+
+
+def _why(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _coords(f: Any, n: int | None = None) -> np.ndarray:
+    """``coords`` as (N, 2) int64; another shape, or N differing from ``n``, is a ValueError."""
+    raw = np.asarray(f[COORDS][:])
+    if raw.ndim != 2 or raw.shape[1] != 2 or not np.issubdtype(raw.dtype, np.number):
+        raise ValueError(f"dataset '{COORDS}' must be (N, 2) numbers, got {raw.shape} {raw.dtype}")
+    if n is not None and len(raw) != n:
+        raise ValueError(f"{n} feature rows but {len(raw)} coords")
+    return raw.astype(np.int64)
+
+
 def read_patches(path: str | os.PathLike[str]) -> PatchFile:
     """Read ``patches/<id>.h5``; a missing or malformed file is a :class:`BagError`."""
     import h5py
@@ -109,10 +128,10 @@ def read_patches(path: str | os.PathLike[str]) -> PatchFile:
     path = Path(path)
     try:
         with h5py.File(path, "r") as f:
-            coords = np.asarray(f[COORDS][:], dtype=np.int64).reshape(-1, 2)
+            coords = _coords(f)
             attrs = {k: _decode(v) for k, v in f[COORDS].attrs.items()}
-    except (OSError, KeyError) as exc:
-        raise BagError(f"{path}: not a readable patch file ({exc})") from exc
+    except READ_ERRORS as exc:
+        raise BagError(f"{path}: not a readable patch file ({_why(exc)}); tile the slide again") from exc
     return PatchFile(coords=coords, attrs=attrs)
 
 
@@ -132,15 +151,21 @@ def read_bag(path: str | os.PathLike[str], *, load_features: bool = True) -> Bag
     try:
         with h5py.File(path, "r") as f:
             dset = f[FEATURES]
+            if len(dset.shape) != 2 or not np.issubdtype(dset.dtype, np.number):
+                raise ValueError(f"dataset '{FEATURES}' must be (N, D) numbers, got {dset.shape} {dset.dtype}")
             feats = (
                 np.asarray(dset[:], dtype=np.float32)
                 if load_features
                 else np.empty((0, dset.shape[1]), np.float32)
             )
-            coords = np.asarray(f[COORDS][:], dtype=np.int64).reshape(-1, 2)
+            coords = _coords(f, dset.shape[0])
             attrs = {k: _decode(v) for k, v in f.attrs.items()}
-    except (OSError, KeyError) as exc:
-        raise BagError(f"{path}: not a readable feature bag ({exc})") from exc
+    except READ_ERRORS as exc:
+        raise BagError(f"{path}: not a readable feature bag ({_why(exc)}); re-extract the slide") from exc
+    if load_features and not np.isfinite(feats).all():
+        rows = np.flatnonzero(~np.isfinite(feats).all(1))
+        raise BagError(f"{path}: {len(rows)} feature row(s) hold NaN or Inf (first: row {rows[0]}); "
+                       "re-extract the slide with --overwrite")
     return Bag(features=feats, coords=coords, attrs=attrs)
 
 
@@ -247,6 +272,6 @@ def read_heatmap_data(path: str | os.PathLike[str]) -> HeatmapData:
             names = json.loads(_decode(f[INSTANCE_PROBS].attrs[ATTR_CLASS_NAMES]))
             probs = np.asarray(f[INSTANCE_PROBS][:], np.float32).reshape(len(coords), len(names))
             attrs = {k: _decode(v) for k, v in f.attrs.items() if k != ATTR_CLASS_NAMES}
-    except (OSError, KeyError, ValueError) as exc:
-        raise BagError(f"{path}: not a readable heatmap file ({exc})") from exc
+    except READ_ERRORS as exc:
+        raise BagError(f"{path}: not a readable heatmap file ({_why(exc)})") from exc
     return HeatmapData(coords, attention, attention_norm, probs, [str(n) for n in names], attrs)

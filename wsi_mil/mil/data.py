@@ -64,8 +64,11 @@ def read_labels(path: str | os.PathLike[str]) -> LabelTable:
     path = Path(path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: labels CSV is not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} "
+                          f"at offset {exc.start}); save it as UTF-8 (a byte-order mark is fine)") from exc
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read labels CSV ({exc})") from exc
+        raise ConfigError(f"{path}: cannot read labels CSV ({' '.join(str(exc).split())})") from exc
     cols = {c.strip().lower(): c for c in df.columns}
     if "slide_id" not in cols or "label" not in cols:
         raise ConfigError(

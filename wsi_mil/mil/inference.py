@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from wsi_mil.errors import BagError, ConfigError
+from wsi_mil.errors import BagError, ConfigError, first_line
 from wsi_mil.io.h5 import read_bag
 from wsi_mil.mil.base import MILPrediction
 from wsi_mil.mil.registry import create_model
@@ -64,19 +64,42 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
     """
     from safetensors.torch import load_file
 
-    from wsi_mil.io.run_folder import read_model_spec
+    from wsi_mil.io.run_folder import MODEL_FILE, read_model_spec
 
     run_dir = Path(run_dir)
     spec = read_model_spec(run_dir)
+    where = run_dir / MODEL_FILE
+    try:
+        checkpoints = [str(c) for c in spec["checkpoints"]]
+        classes = [str(c) for c in spec["classes"]]
+        if not checkpoints or len(classes) != int(spec["n_classes"]):
+            raise ValueError("no checkpoints, or n_classes differs from the class list")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: not a usable model description ({type(exc).__name__}: "
+                          f"{first_line(exc)}); was it edited? retrain the run") from exc
     models = []
-    for ckpt in spec["checkpoints"]:
-        model = create_model(spec["model"], spec["in_dim"], spec["n_classes"], **spec["kwargs"])
+    for ckpt in checkpoints:
         try:
-            model.load_state_dict(load_file(str(run_dir / ckpt)))
-        except (OSError, RuntimeError) as exc:
-            raise ConfigError(f"{run_dir / ckpt}: cannot load checkpoint ({exc})") from exc
+            model = create_model(spec["model"], spec["in_dim"], spec["n_classes"], **spec["kwargs"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ConfigError(f"{where}: cannot rebuild the model ({type(exc).__name__}: {first_line(exc)}); "
+                              "was it edited? retrain the run") from exc
+        path = run_dir / ckpt
+        try:
+            state = load_file(str(path))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: checkpoint missing; the run is incomplete, retrain it") from exc
+        except Exception as exc:  # safetensors raises its own SafetensorError on a damaged file
+            raise ConfigError(f"{path}: damaged checkpoint ({first_line(exc)}); retrain the run "
+                              "or restore the file") from exc
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as exc:  # the first mismatch, not one line per tensor
+            detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), first_line(exc))
+            raise ConfigError(f"{path}: checkpoint does not fit {where.name} ({detail.rstrip('.')}); "
+                              f"was {where.name} edited? retrain the run") from exc
         models.append(model.eval())
-    return FoldEnsemble(models, spec["classes"], spec.get("encoder", "")).to(device).eval()
+    return FoldEnsemble(models, classes, str(spec.get("encoder", ""))).to(device).eval()
 
 
 def predict_bag(model: nn.Module, features: np.ndarray | Tensor) -> MILPrediction:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from wsi_mil.errors import ConfigError
+from wsi_mil.errors import BagError, ConfigError
 from wsi_mil.harness.lock import locks_output
 from wsi_mil.io.h5 import read_bag
 from wsi_mil.io.layout import Layout
@@ -371,8 +372,12 @@ def train_run(
     labels = read_labels(labels_csv)
     paths = bag_paths(layout.bags_dir(encoder), labels.slide_ids)
     bags = [read_bag(p, load_features=False) for p in paths]  # attributes and coords only
-    first = bags[0]
-    in_dim = int(first.features.shape[1])
+    widths = Counter(int(b.features.shape[1]) for b in bags)
+    in_dim = widths.most_common(1)[0][0]
+    odd = next((p for p, b in zip(paths, bags, strict=True) if b.features.shape[1] != in_dim), None)
+    if odd is not None:
+        raise BagError(f"{odd}: {len(widths)} feature widths among the bags ({', '.join(map(str, sorted(widths)))}; "
+                       f"most have {in_dim}): a bag of another encoder? re-extract it")
     bag_settings = same_settings(paths, [b.attrs for b in bags])
     folds = make_splits(labels.y, cfg, str(labels_csv), labels.case_ids)
     device = resolve_device(cfg.device)
@@ -498,7 +503,7 @@ def train_run(
         pred[f"prob_{name}"] = oof[:, c]
     case_pred = case_table(labels.case_ids, labels.y, oof, labels.classes, oof_fold)
     resolved = {**cfg.to_dict(), "encoder": encoder, "labels_csv": str(labels_csv)}
-    pipeline = collect_settings(out_dir, encoder, first.attrs)
+    pipeline = collect_settings(out_dir, encoder, bags[0].attrs)
     pipeline["bag_settings"] = bag_settings
     return write_run(
         run_dir,

@@ -13,7 +13,7 @@ from wsi_mil.harness.runner import SlideOutcome, StageSummary, run_slides
 from wsi_mil.io.layout import Layout
 from wsi_mil.io.run_folder import load_settings, read_trained
 from wsi_mil.predict.settings import RUNTIME_FIELDS
-from wsi_mil.predict.slide import predict_slide, resolve_heatmap_options, write_predictions_csv
+from wsi_mil.predict.slide import cached_model, predict_slide, resolve_heatmap_options, write_predictions_csv
 
 #: The status store's stage name of ``wsi-mil predict`` and ``wsi-mil heatmap`` alike.
 STAGE = "predict"
@@ -55,8 +55,6 @@ def _predict_slides(
     progress: bool,
 ) -> None:
     """:func:`predict_slide` for each slide through the harness; each outcome becomes a row."""
-    from wsi_mil.predict.slide import cached_model
-
     model = cached_model(str(run_dir.resolve()))
 
     def work(sid: str) -> SlideOutcome:
@@ -184,10 +182,12 @@ def predict_cohort(
     """
     from wsi_mil.features import extract_cohort
     from wsi_mil.harness.inputs import collect_slides
-    from wsi_mil.tiling.cohort import tile_cohort
+    from wsi_mil.tiling.cohort import check_mpp, tile_cohort
 
+    check_mpp(mpp)
     run_dir, out = Path(run_dir), Path(out)
     settings = load_settings(run_dir)
+    cached_model(str(run_dir.resolve()))  # a damaged run is refused before any slide is tiled
     options = resolve_heatmap_options(heatmap_config, heatmap_overrides)
     _check_score(options, run_dir)
     bad = sorted(k for k, v in (extract_overrides or {}).items() if v is not None and k not in RUNTIME_FIELDS)
@@ -265,6 +265,7 @@ def heatmap_cohort(
     out, run_dir = Path(out), Path(run_dir)
     layout = Layout(out)
     settings = load_settings(run_dir)
+    cached_model(str(run_dir.resolve()))  # a damaged run is refused before any slide is read
     options = resolve_heatmap_options(heatmap_config, heatmap_overrides)
     _check_score(options, run_dir)
     bag_dir = layout.bags_dir(settings.encoder)

@@ -110,6 +110,10 @@ def predict_slide(
         raise SlideError(slide_id, "no tissue patches to diagnose")
     if model is None:
         model = cached_model(str(run_dir.resolve()))
+    width = next((int(m.in_dim) for m in getattr(model, "models", [model]) if hasattr(m, "in_dim")), None)
+    if width is not None and bag.features.shape[1] != width:
+        raise BagError(f"{path}: {bag.features.shape[1]}-d features, but {settings.run} takes {width}-d "
+                       f"({settings.encoder}): a bag of another encoder? re-extract it (wsi-mil predict --overwrite)")
     pred = predict_bag(model, bag.features)
     probs = pred.bag_probs[0].cpu().numpy().astype(float)  # (K,)
     attention = pred.attention[0].cpu().numpy()  # (N,)

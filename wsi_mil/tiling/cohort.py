@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_mil.config import dump_config, load_config
-from wsi_mil.errors import WsiMilError
+from wsi_mil.errors import ConfigError, WsiMilError
 from wsi_mil.harness.inputs import SlideInput, collect_slides
 from wsi_mil.harness.lock import locks_output
 from wsi_mil.harness.runner import SlideOutcome, StageSummary, run_slides
@@ -28,6 +29,23 @@ class CohortSummary(StageSummary):
 
 def _quiet(_: str) -> None:
     pass
+
+
+def check_mpp(mpp: float | None) -> float | None:
+    """The run-wide ``--mpp`` override, refused up front unless a positive, finite µm/px.
+
+    Examples
+    --------
+    >>> check_mpp(0.25)
+    0.25
+    >>> check_mpp(-1)
+    Traceback (most recent call last):
+    ...
+    wsi_mil.errors.ConfigError: --mpp must be a positive level-0 µm/px such as 0.25 (40×) or 0.5 (20×), got -1
+    """
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise ConfigError(f"--mpp must be a positive level-0 µm/px such as 0.25 (40×) or 0.5 (20×), got {mpp:g}")
+    return mpp
 
 
 def tile_one(
@@ -107,6 +125,7 @@ def tile_cohort(
     --------
     >>> summary = tile_cohort(["slides/"], "out", config="biopsy")  # doctest: +SKIP
     """
+    check_mpp(mpp)
     cfg = load_config(TileConfig, "tile", config, overrides)
     out = Path(out)
     inputs = collect_slides(list(slides))

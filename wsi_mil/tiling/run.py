@@ -54,8 +54,13 @@ class TileConfig:
             raise ConfigError(f"overlap must be in [0, 1), got {self.overlap}")
         if not 0.0 <= self.min_tissue <= 1.0:
             raise ConfigError(f"min_tissue must be in [0, 1], got {self.min_tissue}")
-        if self.patch_size < 8 or self.target_mpp <= 0:
-            raise ConfigError("patch_size must be ≥ 8 px and target_mpp positive")
+        if self.patch_size < 8:
+            raise ConfigError(f"patch_size must be ≥ 8 px, got {self.patch_size}")
+        if self.target_mpp <= 0:
+            raise ConfigError(f"target_mpp must be a positive µm/px, got {self.target_mpp}")
+        if self.thumbnail_max < 16 or self.simplify_um < 0:
+            raise ConfigError(f"thumbnail_max must be ≥ 16 px and simplify_um ≥ 0, got "
+                              f"{self.thumbnail_max} and {self.simplify_um}")
 
 
 @dataclass
@@ -209,13 +214,15 @@ def tile_slide(
     inputs = tile_inputs(cfg, path, mpp)
     attrs.update(stamp(inputs), **{SLIDE_FINGERPRINT: inputs["slide"]})
     layout = Layout(out)
-    h5.write_patches(layout.patches(sid), coords, attrs)
     tol = cfg.simplify_um / slide_mpp.mean
     write_geojson(layout.mask(sid), tissue_feature_collection(tissue.polygons, tol))
     thumb, tscale = _thumbnail(rgb, scale, cfg.thumbnail_max)
     write_png(
         layout.thumbnail(sid), draw_thumbnail(thumb, tscale, tissue.polygons, coords, geom.size_level0)
     )
+    # The patch file last: a re-run takes it as "this slide is tiled" (is_tiled), so a run
+    # killed before it leaves no slide whose mask or thumbnail is missing.
+    h5.write_patches(layout.patches(sid), coords, attrs)
     timings["write"] = time.perf_counter() - t
     return TileResult(sid, "done" if len(coords) else "empty", len(coords), slide_mpp.mean, slide_mpp.source, timings)
 

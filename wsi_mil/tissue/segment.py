@@ -56,6 +56,12 @@ class SegmentConfig:
             raise ConfigError(f"threshold must be 'otsu' or 'fixed', got {self.threshold!r}")
         if self.seg_mpp <= 0:
             raise ConfigError(f"seg_mpp must be positive, got {self.seg_mpp}")
+        if not 0 <= self.sat_threshold <= 255:
+            raise ConfigError(f"sat_threshold must be in 0..255, got {self.sat_threshold}")
+        sizes = ("median_um", "close_um", "min_tissue_area_um2", "min_hole_area_um2", "max_holes")
+        for name in sizes:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be ≥ 0, got {getattr(self, name)}")
 
 
 @dataclass
