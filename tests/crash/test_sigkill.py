@@ -299,16 +299,19 @@ def timed(request: pytest.FixtureRequest) -> Iterator[None]:
 # --------------------------------------------------------------------------- stages
 
 
-def test_tile_killed_mid_work_then_rerun_matches_a_clean_run(cohort: Path, clean: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("when", ["partial", "first_patch_file"])
+def test_tile_killed_mid_work_then_rerun_matches_a_clean_run(
+    cohort: Path, clean: Path, tmp_path: Path, when: str
+) -> None:
+    """Killed while an output is being written, or the moment a slide's patch file appears
+    (the file a re-run takes as "tiled": its mask and thumbnail must exist by then)."""
     out = tmp_path / "out"
     args = ["tile", str(cohort / "slides"), "--out", str(out)]
-    seen: list[str] = []
 
-    def busy() -> bool:  # mid-write of an output, or a few slides in
-        if partials(out):
-            seen.append("partial")
-            return True
-        return n_files(out / ".status" / "tile", "*.json") >= 3
+    def busy() -> bool:
+        if when == "partial":  # mid-write of any output (or, failing that, a few slides in)
+            return bool(partials(out)) or n_files(out / ".status" / "tile", "*.json") >= 3
+        return n_files(out / "patches", "*.h5") >= 1
 
     kill_mid_work(args, busy, tmp_path / "killed.log")
     assert n_files(out / "patches", "*.h5") < N_SLIDES, "tile finished before the kill"
