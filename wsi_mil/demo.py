@@ -140,6 +140,7 @@ def run_demo(
 
     if not 2 <= n_heldout <= n_slides - 2 * folds:
         raise ConfigError(f"demo: need 2 ≤ n_heldout ≤ n_slides − 2·folds, got {n_heldout} of {n_slides}")
+    load_train_config("default", {"cv.folds": folds, "optim.epochs": epochs})  # refused before any slide is drawn
     out = Path(out)
     layout = Layout(out)
     params = {

@@ -180,7 +180,9 @@ def predict_cohort(
     >>> s.csv  # doctest: +SKIP
     PosixPath('diagnosis/predictions.csv')
     """
+    from wsi_mil.config import load_config
     from wsi_mil.features import extract_cohort
+    from wsi_mil.features.extract import ExtractConfig
     from wsi_mil.harness.inputs import collect_slides
     from wsi_mil.tiling.cohort import check_mpp, tile_cohort
 
@@ -193,6 +195,8 @@ def predict_cohort(
     bad = sorted(k for k, v in (extract_overrides or {}).items() if v is not None and k not in RUNTIME_FIELDS)
     if bad:
         raise WsiMilError(f"{settings.path}: {', '.join(bad)} come from the model and cannot be changed at predict")
+    # The extraction flags are checked now, not after every slide has been tiled.
+    load_config(ExtractConfig, "extract", settings.path, dict(extract_overrides or {}))
     inputs = collect_slides(list(slides))
     if not inputs:
         raise WsiMilError(f"no slides found in {', '.join(map(str, slides))}")
