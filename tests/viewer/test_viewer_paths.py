@@ -169,3 +169,22 @@ def test_untiled_slide_only_from_out_slides_inside_out(out: Path, other_image: P
     shutil.copy(other_image, out / "slides" / "case_1.tif")
     with TestClient(create_app(out, require_static=False)) as c:
         assert c.get("/slides/case_1.dzi").status_code == 200
+
+
+def test_wsi_mil_view_prints_one_warning_per_hostile_row_and_serves_the_rest(out: Path, tmp_path: Path) -> None:
+    import json
+
+    from wsi_mil.viewer import _load as load
+
+    (out / "predictions.csv").write_text("slide_id,prediction\ncase_1,tumour\n../../x,normal\nsub/dir,normal\n")
+    port, log = load.free_port(), tmp_path / "server.log"
+    proc = load.start_server(load.server_command(out, port), f"http://127.0.0.1:{port}", log)
+    try:
+        status, body = load.get(f"http://127.0.0.1:{port}/api/slides")
+    finally:
+        load.stop_server(proc)
+    assert status == 200 and [s["slide_id"] for s in json.loads(body)["slides"]] == ["case_1"]
+    warnings = [ln for ln in log.read_text().splitlines() if ln.startswith("warning: ")]
+    assert len(warnings) == 2
+    assert "predictions.csv:3: slide id '../../x' skipped" in warnings[0]
+    assert "predictions.csv:4: slide id 'sub/dir' skipped: it contains '/'" in warnings[1]
