@@ -644,6 +644,28 @@ def _(c: Ctx) -> Run:
     return _heatmap_one_bad(c, "tumour_04", wider, ("tumour_04", "16"))
 
 
+@case("heatmap-slides-unknown")
+def _(c: Ctx) -> Run:
+    good = "normal_07"
+    return Run(_heatmap(c, c.model, "--slides", f"ghost_99,{good}"), ("ghost_99.h5", "no feature bag"),
+               failing="ghost_99", good=(Layout(c.out).heatmap_paths(RUN, good)["png"],))
+
+
+@case("heatmap-out-missing")
+def _(c: Ctx) -> Run:
+    return Run(["heatmap", "--out", str(c.d / "nowhere"), "--model", str(c.model)], ("nowhere", "no feature bags"))
+
+
+@case("train-out-missing")
+def _(c: Ctx) -> Run:
+    return Run(["train", "--out", str(c.d / "nowhere"), "--labels", str(c.w.labels)], ("nowhere", "extract"))
+
+
+@case("extract-out-missing")
+def _(c: Ctx) -> Run:
+    return Run(["extract", "--out", str(c.d / "nowhere"), "--encoder", ENCODER], ("nowhere", "tile"))
+
+
 # -- run: cohort configs
 @case("run-config-malformed-yaml")
 def _(c: Ctx) -> Run:
