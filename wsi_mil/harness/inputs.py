@@ -9,7 +9,7 @@ from pathlib import Path
 
 from wsi_mil.errors import WsiMilError
 from wsi_mil.io.ids import check_slide_id
-from wsi_mil.slide import SLIDE_EXTENSIONS, slide_id_from_path
+from wsi_mil.slide import as_slide_path, slide_id_from_path, slides_in_folder
 
 PATH_COLUMNS = ("path", "slide_path", "filepath", "file")
 
@@ -48,6 +48,7 @@ def _read_csv(path: Path) -> list[SlideInput]:
             p = Path(row[col])
             if not p.is_absolute():
                 p = (path.parent / p).resolve()
+            p = as_slide_path(p)  # a DICOM instance stands for its folder, the slide
             mpp = None
             if row.get("mpp"):
                 try:
@@ -64,6 +65,11 @@ def _read_csv(path: Path) -> list[SlideInput]:
 def collect_slides(args: list[str | Path]) -> list[SlideInput]:
     """Expand files, folders (every extension OpenSlide opens) and CSVs of slide paths.
 
+    A DICOM WSI is one slide named after its folder, given as the folder, as any one of its
+    ``.dcm`` files, or found as a sub-folder of a folder argument
+    (:func:`~wsi_mil.slide.slides_in_folder`); its label and overview instances never
+    become slides.
+
     A path that does not exist is kept, so that the stage reports it as that slide's
     failure instead of stopping the run. Two slides with the same id are an error, and so
     is an id that could name a file outside ``OUT`` (:func:`~wsi_mil.io.ids.check_slide_id`).
@@ -76,11 +82,11 @@ def collect_slides(args: list[str | Path]) -> list[SlideInput]:
     for arg in args:
         p = Path(arg)
         if p.is_dir():
-            out += [SlideInput(f, check_slide_id(slide_id_from_path(f), str(f))) for f in sorted(p.iterdir())
-                    if f.is_file() and f.suffix.lower() in SLIDE_EXTENSIONS]
+            out += [SlideInput(f, check_slide_id(slide_id_from_path(f), str(f))) for f in slides_in_folder(p)]
         elif p.suffix.lower() == ".csv" and p.is_file():
             out += _from_csv(p)
         else:
+            p = as_slide_path(p)  # one .dcm file of a DICOM WSI: the slide is its folder
             out.append(SlideInput(p, check_slide_id(slide_id_from_path(p), str(p))))
     seen: dict[str, Path] = {}
     for s in out:

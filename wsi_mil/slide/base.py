@@ -39,8 +39,22 @@ class Mpp:
 
 
 def slide_id_from_path(path: str | Path) -> str:
-    """Slide id = file name without its extension (``a/b/case-1.svs`` → ``case-1``)."""
-    name = Path(path).name
+    """Slide id = file name without its extension (``a/b/case-1.svs`` → ``case-1``).
+
+    A DICOM WSI is a folder of instances: its id is the folder's name, whether the folder
+    or one of its ``.dcm`` files is given (``a/case-2/1.2.826….dcm`` → ``case-2``).
+
+    Examples
+    --------
+    >>> slide_id_from_path("a/b/case-1.ome.tiff"), slide_id_from_path("a/case-2/level0.dcm")
+    ('case-1', 'case-2')
+    """
+    p = Path(path)
+    if p.suffix.lower() == ".dcm":
+        return p.parent.resolve().name if p.parent.name in ("", ".", "..") else p.parent.name
+    if p.is_dir():
+        return p.resolve().name if p.name in ("", ".", "..") else p.name
+    name = p.name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]

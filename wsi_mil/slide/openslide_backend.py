@@ -1,4 +1,4 @@
-"""OpenSlide backend (the default): every format OpenSlide reads."""
+"""OpenSlide backend: every format OpenSlide reads (SVS, generic TIFF, NDPI, MRXS, DICOM, …)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 
 from wsi_mil.errors import SlideError
 from wsi_mil.slide.base import Mpp, Slide, slide_id_from_path
+from wsi_mil.slide.formats import dicom_instance, is_dicom
 
 
 def _import_openslide():
@@ -34,12 +35,17 @@ class OpenSlideSlide(Slide):
 
     def _open(self) -> None:
         openslide = _import_openslide()
+        # A DICOM WSI is opened through one of its instances; OpenSlide reads the series.
+        target = dicom_instance(self.path) if is_dicom(self.path) else self.path
+        what = f"{self.path} ({target.name})" if target != self.path else str(self.path)
+        kind = "a DICOM WSI" if is_dicom(self.path) else "a slide"
         try:
-            self._osr = openslide.OpenSlide(str(self.path))
+            self._osr = openslide.OpenSlide(str(target))
         except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideError(slide_id_from_path(self.path), f"{self.path} is not a slide OpenSlide can read") from exc
+            raise SlideError(slide_id_from_path(self.path), f"{what} is not {kind} OpenSlide can read") from exc
         except openslide.OpenSlideError as exc:
-            raise SlideError(slide_id_from_path(self.path), f"{self.path} is corrupt or truncated ({exc})") from exc
+            reason = " ".join(str(exc).split())
+            raise SlideError(slide_id_from_path(self.path), f"{what} is corrupt or truncated ({reason})") from exc
 
     def reopen(self) -> None:
         """Close and reopen the handle (clears OpenSlide's sticky error state)."""

@@ -10,6 +10,7 @@ import numpy as np
 
 from wsi_mil.errors import SlideError
 from wsi_mil.slide.base import Mpp, Slide, slide_id_from_path
+from wsi_mil.slide.formats import quiet_tifffile
 
 
 class TiffSlideSlide(Slide):
@@ -22,11 +23,14 @@ class TiffSlideSlide(Slide):
         import tiffslide
 
         try:
-            self._ts = tiffslide.TiffSlide(str(self.path))
-            self._ts.level_dimensions  # noqa: B018 - force parsing now, not at first read
+            with quiet_tifffile():  # a damaged file is reported once, in the error below
+                self._ts = tiffslide.TiffSlide(str(self.path))
+                self._ts.level_dimensions  # noqa: B018 - force parsing now, not at first read
+                self._ts.properties  # noqa: B018
         except Exception as exc:  # tifffile raises many types for bad files
+            reason = " ".join(str(exc).split())
             raise SlideError(
-                slide_id_from_path(self.path), f"{self.path} is not a slide tiffslide can read ({exc})"
+                slide_id_from_path(self.path), f"{self.path} is not a slide tiffslide can read ({reason})"
             ) from exc
 
     @property
@@ -43,6 +47,11 @@ class TiffSlideSlide(Slide):
         return dict(self._ts.properties)
 
     def _metadata_mpp(self) -> Mpp | None:
+        # OME-TIFF: the OME-XML's PhysicalSizeX/Y is the pixel size (the resolution tags,
+        # if any, are a writer's courtesy; tiffslide does not read the XML).
+        ome = _ome_mpp(self._ts.ts_tifffile, int(self._ts.properties.get("tiffslide.series-index") or 0))
+        if ome is not None:
+            return ome
         props = self._ts.properties
         x, y = props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y")
         if x is None or float(x) <= 0:
@@ -113,3 +122,42 @@ def _clipped(
     arr = read(cx0, cy0, cx1, cy1)
     out[cy0 - ly : cy0 - ly + arr.shape[0], cx0 - lx : cx0 - lx + arr.shape[1]] = arr
     return out
+
+
+#: µm per unit of OME's PhysicalSize units (the OME default is µm).
+_OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "\u03bcm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
+
+
+def _ome_mpp(tif: Any, series_index: int) -> Mpp | None:
+    """Pixel size of the OME image read as the slide, from the file's OME-XML (None if absent).
+
+    Examples
+    --------
+    >>> _ome_mpp(None, 0) is None
+    True
+    """
+    xml = getattr(tif, "ome_metadata", None) if tif is not None and getattr(tif, "is_ome", False) else None
+    if not xml:
+        return None
+    from xml.etree import ElementTree
+
+    try:
+        root = ElementTree.fromstring(xml)
+    except ElementTree.ParseError:
+        return None
+    images = [el for el in root if el.tag.rsplit("}", 1)[-1] == "Image"]
+    if series_index >= len(images):
+        return None
+    pixels = next((el for el in images[series_index] if el.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None or pixels.get("PhysicalSizeX") is None:
+        return None
+    try:
+        x = float(pixels.get("PhysicalSizeX", "")) * _OME_UNITS_UM[pixels.get("PhysicalSizeXUnit", "µm")]
+        y = float(pixels.get("PhysicalSizeY", pixels.get("PhysicalSizeX", ""))) * _OME_UNITS_UM[
+            pixels.get("PhysicalSizeYUnit", pixels.get("PhysicalSizeXUnit", "µm"))
+        ]
+    except (KeyError, ValueError):
+        return None
+    if not (x > 0 and y > 0):
+        return None
+    return Mpp(x, y, "metadata:ome.PhysicalSizeX")
