@@ -43,7 +43,7 @@ from wsi_mil.viewer.data import (
 )
 from wsi_mil.viewer.tiles import OverlayTiles, SlideChangedError, SlideTiles, overlay_dzi
 
-#: The package's own page, scripts and styles (committed) and OpenSeadragon (copied by make install).
+#: The package's own page, scripts and styles (committed) and OpenSeadragon (put there by the package build's npm step).
 STATIC_DIR = Path(__file__).parent / "static"
 OSD_FILE = Path("openseadragon") / "openseadragon.min.js"
 MAX_TOP_K = 100
@@ -62,8 +62,8 @@ def check_static(static_dir: Path = STATIC_DIR) -> None:
     """Raise :class:`ViewerError` when OpenSeadragon has not been installed into ``static_dir``."""
     if not (static_dir / OSD_FILE).is_file():
         raise ViewerError(
-            f"{static_dir / OSD_FILE}: OpenSeadragon is missing; run 'make install' "
-            "(npm ci, then copies node_modules/openseadragon/build/openseadragon/ there)"
+            f"{static_dir / OSD_FILE}: OpenSeadragon is missing; install npm and run 'make install' "
+            "(the package build runs npm install and npm run build, which copy it there)"
         )
 
 
