@@ -90,7 +90,7 @@ def tile(
     ],
     out: OutOpt,
     config: ConfigOpt = None,
-    backend: Annotated[str | None, typer.Option(help="Slide reader: openslide (default) or tiffslide.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Slide reader: auto (default), openslide or tiffslide.")] = None,
     mpp: Annotated[
         float | None, typer.Option(help="Level-0 µm/px for slides without metadata (a CSV 'mpp' column wins).")
     ] = None,
@@ -139,7 +139,7 @@ def extract(
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")] = None,
     precision: Annotated[str | None, typer.Option(help="auto (GPU: bf16/fp16; CPU: fp32), fp32, bf16, fp16.")] = None,
-    backend: Annotated[str | None, typer.Option(help="Slide reader: openslide (default) or tiffslide.")] = None,
+    backend: Annotated[str | None, typer.Option(help="Slide reader: auto (default), openslide or tiffslide.")] = None,
     pt: Annotated[bool | None, typer.Option("--pt/--no-pt", help="Also write CLAM's pt_files/<id>.pt.")] = None,
     compile: Annotated[
         bool | None,
@@ -412,7 +412,7 @@ def view(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
     run: Annotated[str | None, typer.Option(help="Heatmap run under OUT/heatmaps (default: the newest).")] = None,
     open_browser: Annotated[bool, typer.Option("--open", help="Open the page in the default browser.")] = False,
-    backend: Annotated[str, typer.Option(help="Slide reader of the tiles: openslide or tiffslide.")] = "openslide",
+    backend: Annotated[str, typer.Option(help="Slide reader of the tiles: auto, openslide or tiffslide.")] = "auto",
     colormap: Annotated[str, typer.Option(help="matplotlib colormap of the overlay.")] = "jet",
     token: Annotated[
         str | None,
