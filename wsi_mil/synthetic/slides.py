@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_mil.io.atomic import atomic_path
+from wsi_mil.synthetic.artefacts import apply_artefacts, artefact_masks
 
 BACKGROUND = np.array([243, 241, 244], np.float32)
 EOSIN = np.array([236, 160, 200], np.float32)
@@ -53,6 +54,14 @@ class SyntheticSpec:
     plain_background : bool
         Write tiles away from tissue and ink as plain glass without rendering them, so
         mostly-empty slides of 10⁹–10¹⁰ pixels are written in minutes.
+    blur, folds : int
+        Number of out-of-focus regions and of folded (double-layer) bands drawn on the
+        tissue (:mod:`wsi_mil.synthetic.artefacts`); 0 draws none.
+    blur_sigma_um : float
+        Gaussian sigma of the blur, in µm.
+    artefact_scale : float
+        Size of a blur region (radius) and of a fold (half-length / 2) as a fraction of
+        the slide's short side.
     """
 
     width: int = 8192
@@ -69,6 +78,10 @@ class SyntheticSpec:
     levels: tuple[int, ...] | None = None
     tissue_scale: float = 0.4
     plain_background: bool = False
+    blur: int = 0
+    folds: int = 0
+    blur_sigma_um: float = 2.5
+    artefact_scale: float = 0.08
 
 
 @dataclass
@@ -80,6 +93,14 @@ class SyntheticTruth:
     pen: np.ndarray  # (h, w) bool
     downsample: int
     spec: dict = field(default_factory=dict)
+    blur: np.ndarray | None = None  # (h, w) bool, out-of-focus tissue
+    fold: np.ndarray | None = None  # (h, w) bool, folded (double-layer) tissue
+
+    def __post_init__(self) -> None:
+        if self.blur is None:
+            self.blur = np.zeros_like(self.tissue)
+        if self.fold is None:
+            self.fold = np.zeros_like(self.tissue)
 
     def fraction_in(self, x: int, y: int, size: int, which: str = "tissue") -> float:
         """Share of the level-0 square (x, y, size) that is ``which`` on the truth grid."""
@@ -228,6 +249,9 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSpec | None = None) -
     path = Path(path)
     truth, tissue_f, tumour_f, pen = _truth(spec)
     fields = (tissue_f, tumour_f, pen)
+    art = artefact_masks(spec, tissue_f)
+    if art is not None:
+        truth.blur, truth.fold = art.blur, art.fold
     t = spec.tile
     d = spec.truth_downsample
     # Truth cells where a tile can show anything but glass (soft edge and ink included).
@@ -250,6 +274,11 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSpec | None = None) -
                         rng = np.random.default_rng((spec.seed, ds, tx, ty))
                         out = np.full((t, t, 3), 255, np.uint8)
                         out[:h, :w] = _render_tile(spec, fields, ds, tx, ty, w, h, rng)
+                        if art is not None:
+                            out[:h, :w] = apply_artefacts(
+                                art, out[:h, :w], ds, tx, ty,
+                                lambda *a: _render_tile(spec, fields, *a), (spec.seed, ds, tx, ty),
+                            )
                         yield out
 
             kwargs = {}
@@ -275,9 +304,10 @@ def save_truth(truth: SyntheticTruth, path: str | Path) -> None:
     """Store the ground truth as a compressed npz (atomically)."""
     import json
 
+    extra = {k: m for k in ("blur", "fold") if (m := getattr(truth, k)) is not None and m.any()}
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, tissue=truth.tissue, tumour=truth.tumour, pen=truth.pen,
-                            downsample=truth.downsample, spec=json.dumps(truth.spec))
+                            downsample=truth.downsample, spec=json.dumps(truth.spec), **extra)
 
 
 def load_truth(slide_path: str | Path) -> SyntheticTruth:
@@ -286,4 +316,5 @@ def load_truth(slide_path: str | Path) -> SyntheticTruth:
 
     with np.load(truth_path(slide_path)) as z:
         return SyntheticTruth(tissue=z["tissue"], tumour=z["tumour"], pen=z["pen"],
-                              downsample=int(z["downsample"]), spec=json.loads(str(z["spec"])))
+                              downsample=int(z["downsample"]), spec=json.loads(str(z["spec"])),
+                              blur=z.get("blur"), fold=z.get("fold"))
