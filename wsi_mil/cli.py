@@ -98,17 +98,24 @@ def tile(
     target_mpp: Annotated[float | None, typer.Option(help="µm/px of the patches (default 0.5, i.e. 20×).")] = None,
     overlap: Annotated[float | None, typer.Option(help="Overlap between neighbouring patches, in [0, 1).")] = None,
     min_tissue: Annotated[float | None, typer.Option(help="Minimum tissue share of a kept patch.")] = None,
+    qc: Annotated[
+        str | None, typer.Option(help="Patch QC (blur, fold, debris): on (preset default) or off (keep every patch).")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Redo slides already tiled.")] = False,
 ) -> None:
     """Stage 1: segment tissue and tile patches in µm; writes patches/, masks/, thumbnails/."""
+    from wsi_mil.errors import ConfigError
     from wsi_mil.tiling.cohort import tile_cohort
 
+    if qc not in (None, "on", "off"):
+        raise ConfigError(f"--qc must be on or off, got {qc!r}")
     overrides = {
         "backend": backend,
         "patch_size": patch_size,
         "target_mpp": target_mpp,
         "overlap": overlap,
         "min_tissue": min_tissue,
+        "qc.enabled": None if qc is None else qc == "on",
     }
     summary = tile_cohort(
         slides, out, config=config, overrides=overrides, mpp=mpp, overwrite=overwrite, echo=typer.echo

@@ -2,7 +2,8 @@
 
 Layouts follow CLAM (and so TRIDENT tooling can read them):
 
-* ``patches/<id>.h5``: dataset ``coords`` int64 (N, 2), level-0 (x, y) top-left corners.
+* ``patches/<id>.h5``: dataset ``coords`` int64 (N, 2), level-0 (x, y) top-left corners;
+  with patch QC also ``qc_*`` datasets (scores of the kept patches, and the rejected ones).
 * ``features/<enc>/h5_files/<id>.h5``: ``features`` float32 (N, D) and ``coords`` (N, 2)
   in the same order.
 """
@@ -35,6 +36,16 @@ ATTR_PATCH_SIZE_LEVEL0 = "patch_size_level0"
 ATTR_MPP = "mpp"
 ATTR_TARGET_MPP = "target_mpp"
 ATTR_OVERLAP = "overlap"
+
+# Patch QC datasets of ``patches/<id>.h5`` (:mod:`wsi_mil.tiling.qc`): scores of the kept
+# patches in ``coords`` order, and the rejected patches with their reason and scores.
+QC_FOCUS = "qc_focus"
+QC_FOLD = "qc_fold"
+QC_DEBRIS = "qc_debris"
+QC_REJECTED_COORDS = "qc_rejected_coords"
+QC_REJECTED_REASON = "qc_rejected_reason"
+QC_REJECTED_SCORES = "qc_rejected_scores"
+QC_DATASETS = (QC_FOCUS, QC_FOLD, QC_DEBRIS, QC_REJECTED_COORDS, QC_REJECTED_REASON, QC_REJECTED_SCORES)
 
 
 def _attr_value(value: Any) -> Any:
@@ -80,7 +91,12 @@ class Bag:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-def write_patches(path: str | os.PathLike[str], coords: np.ndarray, attrs: Mapping[str, Any]) -> None:
+def write_patches(
+    path: str | os.PathLike[str],
+    coords: np.ndarray,
+    attrs: Mapping[str, Any],
+    datasets: Mapping[str, tuple[np.ndarray, Mapping[str, Any]]] | None = None,
+) -> None:
     """Write a CLAM-layout patch file atomically.
 
     Parameters
@@ -91,6 +107,8 @@ def write_patches(path: str | os.PathLike[str], coords: np.ndarray, attrs: Mappi
         (N, 2) level-0 top-left (x, y); stored as int64.
     attrs : mapping
         Attributes stored on the ``coords`` dataset (where CLAM reads them) and on the file.
+    datasets : mapping, optional
+        More datasets (the ``qc_*`` names): name → (array, its attributes).
     """
     import h5py
 
@@ -100,6 +118,22 @@ def write_patches(path: str | os.PathLike[str], coords: np.ndarray, attrs: Mappi
         for key, value in attrs.items():
             dset.attrs[key] = _attr_value(value)
             f.attrs[key] = _attr_value(value)
+        for name, (data, extra) in (datasets or {}).items():
+            d = f.create_dataset(name, data=np.asarray(data))
+            for key, value in extra.items():
+                d.attrs[key] = _attr_value(value)
+
+
+def read_patch_qc(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
+    """The ``qc_*`` datasets of ``patches/<id>.h5`` by name (empty if tiled with ``--qc off``)."""
+    import h5py
+
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as f:
+            return {name: np.asarray(f[name][:]) for name in QC_DATASETS if name in f}
+    except READ_ERRORS as exc:
+        raise BagError(f"{path}: not a readable patch file ({_why(exc)}); tile the slide again") from exc
 
 
 #: What h5py and NumPy raise on a damaged file or a dataset of the wrong kind (a group where

@@ -5,6 +5,7 @@
     OUT/
       patches/<id>.h5                          coords (stage 1)
       masks/<id>.geojson                       tissue polygons
+      masks/qc/<id>.geojson                    patches rejected by QC (blur, fold, debris)
       thumbnails/<id>.png                      thumbnail with contours and grid
       tile_config.yaml                         resolved tile settings
       features/<enc>/h5_files/<id>.h5          feature bags (stage 2)
@@ -30,6 +31,7 @@ from pathlib import Path
 
 PATCHES = "patches"
 MASKS = "masks"
+QC = "qc"
 THUMBNAILS = "thumbnails"
 FEATURES = "features"
 BAGS = "h5_files"
@@ -98,6 +100,10 @@ class Layout:
     def mask(self, slide_id: str) -> Path:
         """``OUT/masks/<id>.geojson``."""
         return self.out / MASKS / f"{slide_id}.geojson"
+
+    def qc_mask(self, slide_id: str) -> Path:
+        """``OUT/masks/qc/<id>.geojson``: patches rejected by QC (a folder, so no id collides)."""
+        return self.out / MASKS / QC / f"{slide_id}.geojson"
 
     def thumbnail(self, slide_id: str) -> Path:
         """``OUT/thumbnails/<id>.png``."""

@@ -79,6 +79,8 @@ def tile_one(
     t0 = time.perf_counter()
     res = tile_slide(item.path, out, cfg, mpp=override, mpp_source=source, slide_id=item.slide_id)
     detail = f"mpp={res.mpp:g} ({res.mpp_source}); " + " ".join(f"{k}={v:.3f}s" for k, v in res.timings.items())
+    if res.qc:
+        detail += f"; {res.qc}"
     empty = res.state != "done"
     return SlideOutcome(
         item.slide_id,

@@ -13,6 +13,7 @@ from wsi_mil.errors import ConfigError, SlideError
 from wsi_mil.io import h5
 from wsi_mil.io.layout import Layout
 from wsi_mil.tiling.grid import box_fractions, grid_coords, patch_geometry
+from wsi_mil.tiling.qc import QcConfig
 from wsi_mil.tissue.segment import SegmentConfig, segment_tissue
 
 
@@ -38,6 +39,8 @@ class TileConfig:
         Douglas–Peucker tolerance for ``masks/<id>.geojson`` polygons, in µm.
     segment : SegmentConfig
         Tissue segmentation settings.
+    qc : QcConfig
+        Patch QC (focus, fold, debris) of the candidate patches; ``enabled: false`` keeps all.
     """
 
     patch_size: int = 256
@@ -48,6 +51,7 @@ class TileConfig:
     thumbnail_max: int = 2048
     simplify_um: float = 4.0
     segment: SegmentConfig = field(default_factory=SegmentConfig)
+    qc: QcConfig = field(default_factory=QcConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.overlap < 1.0:
@@ -73,6 +77,7 @@ class TileResult:
     mpp: float
     mpp_source: str
     timings: dict[str, float]
+    qc: str = ""  # QC summary ("qc: 12 blur, 3 fold, 0 debris of 240"); "" with QC off
 
 
 def patches_path(out: Path, slide_id: str) -> Path:
@@ -153,7 +158,8 @@ def tile_slide(
     from wsi_mil.io.geojson import tissue_feature_collection, write_geojson
     from wsi_mil.io.provenance import SLIDE_FINGERPRINT, stamp
     from wsi_mil.slide import open_slide
-    from wsi_mil.tiling.thumbnail import draw_thumbnail, write_png
+    from wsi_mil.tiling.qc import CODE_COLOURS, qc_feature_collection, run_qc
+    from wsi_mil.tiling.thumbnail import draw_rejected, draw_thumbnail, write_png
 
     cfg = cfg or TileConfig()
     out = Path(out)
@@ -191,6 +197,14 @@ def tile_slide(
         coords = coords[frac >= max(cfg.min_tissue, 1e-9)]
     timings["tile"] = time.perf_counter() - t
 
+    qc = None
+    if cfg.qc.enabled and len(coords):
+        t = time.perf_counter()
+        with open_slide(path, backend=cfg.backend, mpp=mpp, mpp_source=mpp_source) as slide:
+            qc = run_qc(slide, coords, geom.size_level0, geom.stride_level0, cfg.qc)
+        coords = coords[qc.kept]
+        timings["qc"] = time.perf_counter() - t
+
     t = time.perf_counter()
     attrs = {
         h5.ATTR_PATCH_SIZE: geom.size_at_level,
@@ -212,19 +226,27 @@ def tile_slide(
         "tissue_area_um2": tissue.area_um2,
     }
     inputs = tile_inputs(cfg, path, mpp)
-    attrs.update(stamp(inputs), **{SLIDE_FINGERPRINT: inputs["slide"]})
+    attrs.update(stamp(inputs), **{SLIDE_FINGERPRINT: inputs["slide"]}, qc_enabled=cfg.qc.enabled)
     layout = Layout(out)
     tol = cfg.simplify_um / slide_mpp.mean
     write_geojson(layout.mask(sid), tissue_feature_collection(tissue.polygons, tol))
     thumb, tscale = _thumbnail(rgb, scale, cfg.thumbnail_max)
-    write_png(
-        layout.thumbnail(sid), draw_thumbnail(thumb, tscale, tissue.polygons, coords, geom.size_level0)
-    )
+    drawn = draw_thumbnail(thumb, tscale, tissue.polygons, coords, geom.size_level0)
+    if qc is not None:
+        drawn = draw_rejected(drawn, tscale, qc.coords, qc.reasons, geom.size_level0, CODE_COLOURS)
+    write_png(layout.thumbnail(sid), drawn)
+    if cfg.qc.enabled:  # an empty layer too, so a re-tile never leaves a stale one behind
+        write_geojson(layout.qc_mask(sid), qc_feature_collection(qc, geom.size_level0) if qc else
+                      {"type": "FeatureCollection", "features": []})
+    else:
+        layout.qc_mask(sid).unlink(missing_ok=True)
     # The patch file last: a re-run takes it as "this slide is tiled" (is_tiled), so a run
     # killed before it leaves no slide whose mask or thumbnail is missing.
-    h5.write_patches(layout.patches(sid), coords, attrs)
+    h5.write_patches(layout.patches(sid), coords, {**attrs, **(qc.attrs() if qc else {})},
+                     qc.datasets() if qc else None)
     timings["write"] = time.perf_counter() - t
-    return TileResult(sid, "done" if len(coords) else "empty", len(coords), slide_mpp.mean, slide_mpp.source, timings)
+    return TileResult(sid, "done" if len(coords) else "empty", len(coords), slide_mpp.mean, slide_mpp.source,
+                      timings, qc.summary() if qc else "")
 
 
 def _level_dims(width: int, height: int, ds: float) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -45,3 +46,27 @@ def write_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
         raise ValueError(f"could not encode {path}")
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.tobytes())
+
+
+def draw_rejected(
+    rgb: np.ndarray, scale: float, coords: np.ndarray, reasons: np.ndarray, size_level0: int,
+    colours: Mapping[int, Sequence[int]],
+) -> np.ndarray:
+    """Draw patches rejected by QC as crossed squares, in the colour of their reason.
+
+    ``reasons`` holds one code per patch of ``coords`` (0 = kept, not drawn), ``colours``
+    an RGB colour per code (:data:`wsi_mil.tiling.qc.CODE_COLOURS`); ``scale`` is level-0
+    pixels per thumbnail pixel.
+    """
+    import cv2
+
+    img = np.ascontiguousarray(rgb.copy())
+    s = max(2, int(round(size_level0 / scale)))
+    pts = np.round(np.asarray(coords, np.float64).reshape(-1, 2) / scale).astype(np.int32)
+    for (x, y), code in zip(pts.tolist(), np.asarray(reasons).tolist(), strict=True):
+        if code:
+            c = tuple(int(v) for v in colours[int(code)])
+            cv2.rectangle(img, (x, y), (x + s - 1, y + s - 1), c, 1)
+            cv2.line(img, (x, y), (x + s - 1, y + s - 1), c, 1)
+            cv2.line(img, (x + s - 1, y), (x, y + s - 1), c, 1)
+    return img
