@@ -97,7 +97,8 @@ class Run:
 
     ``failing``: the slide that fails while the others (``good``: files that must exist
     afterwards) are processed; None means the whole command is refused up front, before
-    writing anything. ``ok``: valid input that must succeed (a BOM, say).
+    writing anything. ``ok``: valid input that must succeed (a BOM, say). ``also_failing``:
+    further bad slides of the same corpus, each reported on a line of its own.
     """
 
     argv: list[str]
@@ -105,6 +106,7 @@ class Run:
     failing: str | None = None
     good: tuple[Path, ...] = ()
     ok: bool = False
+    also_failing: tuple[str, ...] = ()
 
 
 @dataclass
@@ -440,7 +442,7 @@ def _(c: Ctx) -> Run:
     (src / "cut.tif").write_bytes(good.read_bytes()[:20_000])
     fresh = c.d / "fresh"
     return Run(["tile", str(src), "--out", str(fresh)], ("cut.tif", "truncated|not a slide"), failing="cut",
-               good=(Layout(fresh).patches(good.stem),))
+               good=(Layout(fresh).patches(good.stem),), also_failing=("zero", "notes"))
 
 
 # -- extract: flags, weights, patch files
@@ -763,6 +765,8 @@ def test_bad_input(name: str, world: World, tmp_path: Path) -> None:
         assert not err_lines, stderr
         for good in spec.good:
             assert good.is_file(), (good, text)
+        for sid in spec.also_failing:  # each bad slide of the corpus: one line of its own
+            assert sum(ln.startswith(f"{sid}: failed: ") for ln in stdout.splitlines()) == 1, (sid, text)
     for word in spec.expect:  # "a|b": either wording of the cause
         assert any(w in line for w in word.split("|")), (word, line)
     assert not any(ln.startswith(("Error", "ValueError", "KeyError", "TypeError")) for ln in text.splitlines())
