@@ -422,11 +422,11 @@ def test_predict_killed_mid_work_then_rerun_matches_a_clean_run(cohort: Path, cl
     assert table(out / "predictions.csv") == table(ref / "predictions.csv")
 
 
-def run_config(cohort: Path, out: Path) -> Path:
+def run_config(cohort: Path, out: Path, stages: str = "tile, extract, train, heatmap") -> Path:
     path = out.parent / f"{out.name}.yaml"
     path.write_text(
         f"slides: {cohort / 'slides'}\nlabels: {cohort / 'labels.csv'}\nout: {out}\n"
-        "stages: [tile, extract, train, heatmap]\n"
+        f"stages: [{stages}]\n"
         "extract: {encoder: texture}\n"
         f"train: {{run_name: {RUN}, cv: {{folds: 2, seed: 3}}, optim: {{epochs: {EPOCHS}}}}}\n"
         "heatmap: {zarr: true}\n"
@@ -434,7 +434,27 @@ def run_config(cohort: Path, out: Path) -> Path:
     return path
 
 
-def test_run_killed_mid_work_then_rerun_matches_the_clean_commands(cohort: Path, clean: Path, tmp_path: Path) -> None:
+def test_run_killed_mid_extract_then_rerun_matches_the_clean_commands(
+    cohort: Path, clean: Path, tmp_path: Path
+) -> None:
+    """``wsi-mil run`` (driver and its embedded Dask cluster) killed while bags are written."""
+    out = tmp_path / "out"
+    args = ["run", str(run_config(cohort, out, "tile, extract")), "--no-progress"]
+    bags = out / "features" / "texture" / "h5_files"
+    kill_mid_work(args, lambda _: n_files(bags, "*.h5") >= 2 and bool(partials(bags)))
+    assert n_files(bags, "*.h5") < N_SLIDES
+    assert_nothing_half_written(out)
+    wsi(args)
+    assert_left_clean(out)
+    ids = ids_of(cohort)
+    same_patches(out, clean, ids, attrs=False)  # run records its own tile settings (backend: auto)
+    same_bags(out, clean, ids)
+
+
+@pytest.mark.slow
+def test_run_killed_mid_heatmap_then_rerun_matches_the_clean_commands(
+    cohort: Path, clean: Path, tmp_path: Path
+) -> None:
     """``wsi-mil run`` (driver and its embedded Dask cluster) killed in its last stage, while
     heatmaps are being written; the re-run resumes and writes what the clean commands wrote."""
     out = tmp_path / "out"
