@@ -61,7 +61,7 @@ class ExtractConfig:
     workers: int = -1
     device: str = "auto"
     precision: str = "auto"
-    backend: str = "openslide"
+    backend: str = "auto"
     supertile: int = 0
     max_unreadable: float = 0.05
     fold_bn: bool = True

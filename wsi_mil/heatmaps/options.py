@@ -79,7 +79,7 @@ class HeatmapOptions:
     zarr: bool = False
     gallery_k: int = 8
     gallery_px: int = 128
-    backend: str = "openslide"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         checks = (

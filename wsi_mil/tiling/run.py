@@ -47,7 +47,7 @@ class TileConfig:
     target_mpp: float = 0.5
     overlap: float = 0.0
     min_tissue: float = 0.25
-    backend: str = "openslide"
+    backend: str = "auto"
     thumbnail_max: int = 2048
     simplify_um: float = 4.0
     segment: SegmentConfig = field(default_factory=SegmentConfig)
