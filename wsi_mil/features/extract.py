@@ -211,7 +211,7 @@ def extract_slide(
     pf = h5.read_patches(patch_file)
     sid = str(pf.attrs.get(h5.ATTR_NAME) or Path(patch_file).stem)
     src = Path(slide_path or pf.attrs.get("slide_path") or "")
-    if not src.is_file():
+    if not src.exists():  # a file, or a DICOM WSI's folder
         raise SlideError(sid, f"slide file {src} not found (moved since tiling?)")
     enc = runner.encoder
     size = enc.preprocess.input_size
