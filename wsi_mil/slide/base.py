@@ -12,6 +12,7 @@ from types import TracebackType
 import numpy as np
 
 from wsi_mil.errors import MissingMppError, SlideError
+from wsi_mil.slide.formats import dicom_files
 
 #: Source pixels read per band when a level is resampled (plus one row of tiles at least).
 BAND_PIXELS = 16_000_000
@@ -52,7 +53,7 @@ def slide_id_from_path(path: str | Path) -> str:
     p = Path(path)
     if p.suffix.lower() == ".dcm":
         return p.parent.resolve().name if p.parent.name in ("", ".", "..") else p.parent.name
-    if p.is_dir():
+    if dicom_files(p):  # a DICOM WSI folder: its name whole (UIDs and dates hold dots)
         return p.resolve().name if p.name in ("", ".", "..") else p.name
     name = p.name
     for ext in (".ome.tiff", ".ome.tif"):
