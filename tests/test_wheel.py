@@ -69,7 +69,8 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     clone = tmp / "clone"
     subprocess.run(["git", "clone", "-q", "--no-hardlinks", str(ROOT), str(clone)], check=True)
     assert not (clone / "wsi_mil/viewer/static/openseadragon").exists()  # never committed
-    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(clone)], tmp, dict(os.environ))
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp / "dist"), str(clone)]
+    _run(build, tmp, dict(os.environ))
     (whl,) = (tmp / "dist").glob("wsi_mil-*.whl")
     return whl
 
@@ -120,9 +121,10 @@ def test_wheel_in_a_fresh_venv_runs_every_stage_and_the_viewer(wheel: Path, tmp_
             try:
                 status, page = _get(base_url + "/")
                 break
-            except OSError:
+            except OSError as exc:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"viewer did not start: {server.stdout.read() if server.stdout else ''}")
+                    log = server.stdout.read() if server.stdout else ""
+                    raise AssertionError(f"viewer did not start: {log}") from exc
                 time.sleep(0.5)
         assert status == 200 and b"openseadragon" in page.lower()
         status, js = _get(base_url + "/static/openseadragon/openseadragon.min.js")
