@@ -91,8 +91,8 @@ def test_slide_without_patches_gives_an_empty_bag(tiled: Path, tmp_path: Path) -
 
 
 def test_supertile_auto_follows_the_backend() -> None:
-    assert ExtractConfig().supertile_used == 1  # OpenSlide: per-patch reads
-    assert ExtractConfig(backend="tiffslide").supertile_used == 4
-    assert ExtractConfig(backend="tiffslide", supertile=2).supertile_used == 2
+    assert ExtractConfig().supertile_for("openslide") == 1  # OpenSlide: per-patch reads
+    assert ExtractConfig().supertile_for("tiffslide") == 4  # auto that opened with tiffslide
+    assert ExtractConfig(backend="tiffslide", supertile=2).supertile_for("tiffslide") == 2
     with pytest.raises(ConfigError, match="supertile"):
         ExtractConfig(supertile=-1)

@@ -107,6 +107,16 @@ def test_tiff_svs_and_ome_tiff_give_the_same_slide(cohort: Path) -> None:
     for sid in ("aperio", "ome"):
         c, f = _bag(cohort, sid)
         assert np.array_equal(c, coords) and np.array_equal(f, feats), sid  # same tiles, same decoder
+    # backend auto: each bag says which reader opened its slide, and the supertile default fits it.
+    import h5py
+
+    used = {}
+    for sid in ("plain", "aperio", "ome"):
+        with h5py.File(cohort / "features" / "texture" / "h5_files" / f"{sid}.h5", "r") as f:
+            used[sid] = (f.attrs["backend"], f.attrs["backend_used"], int(f.attrs["supertile"]))
+    assert used == {
+        "plain": ("auto", "openslide", 1), "aperio": ("auto", "openslide", 1), "ome": ("auto", "tiffslide", 4)
+    }  # fmt: skip
 
 
 def test_dicom_gives_the_same_slide(cohort: Path, dicom_dir: Path) -> None:
