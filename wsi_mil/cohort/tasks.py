@@ -308,7 +308,7 @@ def _n_rows(path: Path) -> int:
     try:
         with h5py.File(path, "r") as f:
             return int(f["features"].shape[0])
-    except (OSError, KeyError):
+    except (OSError, KeyError, TypeError, AttributeError, IndexError):  # damaged: counted as empty
         return 0
 
 
@@ -364,13 +364,16 @@ def _stored_row(path: Path, sid: str) -> dict[str, Any] | None:
         with h5py.File(path, "r") as f:
             a = dict(f.attrs)
             n = int(f["coords"].shape[0]) if "coords" in f else 0
-    except (OSError, KeyError):
+    except (OSError, KeyError, TypeError, AttributeError, IndexError):  # damaged: no stored row to report
         return None
 
     def plain(v: Any) -> Any:
         return v.decode() if isinstance(v, bytes) else (v.item() if hasattr(v, "item") else v)
 
     row: dict[str, Any] = {"slide_id": sid, "prediction": plain(a.get("prediction", ""))}
-    row.update({k: float(plain(v)) for k, v in a.items() if k.startswith("prob_")})
+    try:
+        row.update({k: float(plain(v)) for k, v in a.items() if k.startswith("prob_")})
+    except (TypeError, ValueError):  # an edited attribute: no stored row to report
+        return None
     row["n_patches"] = n
     return row
