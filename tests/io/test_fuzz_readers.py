@@ -18,7 +18,7 @@ from typing import Any
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from wsi_mil.errors import WsiMilError
@@ -198,6 +198,7 @@ def _csv_bytes(text: str, encoding: str, bom: bool) -> bytes:
 @FUZZ
 @given(text=CSV_TEXT, encoding=st.sampled_from(["utf-8", "latin-1", "utf-16"]), bom=st.booleans(),
        header=st.sampled_from(["", "slide_id,label\n", "case_id,slide_id,label\n"]))
+@example(text='"\n"', encoding="utf-8", bom=False, header="")  # a quoted newline as the only column name
 def test_labels_reader(text: str, encoding: str, bom: bool, header: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "labels.csv"

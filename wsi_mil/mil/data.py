@@ -72,7 +72,8 @@ def read_labels(path: str | os.PathLike[str]) -> LabelTable:
     cols = {c.strip().lower(): c for c in df.columns}
     if "slide_id" not in cols or "label" not in cols:
         raise ConfigError(
-            f"{path}: labels CSV needs columns slide_id,label; found {', '.join(df.columns)}"
+            f"{path}: labels CSV needs columns slide_id,label; found "
+            + (", ".join(c if c.isprintable() and c.strip() == c else repr(c) for c in map(str, df.columns)) or "none")
         )
     ids = [s.strip() for s in df[cols["slide_id"]].astype(str)]
     labels = [s.strip() for s in df[cols["label"]].astype(str)]
