@@ -102,6 +102,8 @@ def test_tiff_svs_and_ome_tiff_give_the_same_slide(cohort: Path) -> None:
         assert np.array_equal(pf.coords, ref.coords), sid
         assert pf.attrs["mpp"] == pytest.approx(MPP) and pf.attrs["mpp_source"].startswith("metadata:")
         assert list(pf.attrs["level_dim"]) == list(ref.attrs["level_dim"])
+    assert read_patches(cohort / "patches" / "ome.h5").attrs["backend_used"] == "tiffslide"
+    assert ref.attrs["backend_used"] == "openslide"
     assert read_patches(cohort / "patches" / "ome.h5").attrs["mpp_source"] == "metadata:ome.PhysicalSizeX"
     coords, feats = _bag(cohort, "plain")
     for sid in ("aperio", "ome"):

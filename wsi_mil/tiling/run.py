@@ -167,7 +167,7 @@ def tile_slide(
     t0 = time.perf_counter()
     with open_slide(path, backend=cfg.backend, mpp=mpp, mpp_source=mpp_source) as slide:
         sid = slide_id or slide.slide_id
-        slide_mpp = slide.mpp
+        slide_mpp, opened = slide.mpp, slide.backend_name
         width, height = slide.dimensions
         geom = patch_geometry(slide_mpp.mean, cfg.target_mpp, cfg.patch_size, slide.level_downsamples, cfg.overlap)
         if width < geom.size_level0 or height < geom.size_level0:
@@ -200,7 +200,7 @@ def tile_slide(
     qc = None
     if cfg.qc.enabled and len(coords):
         t = time.perf_counter()
-        with open_slide(path, backend=cfg.backend, mpp=mpp, mpp_source=mpp_source) as slide:
+        with open_slide(path, backend=opened, mpp=mpp, mpp_source=mpp_source) as slide:
             qc = run_qc(slide, coords, geom.size_level0, geom.stride_level0, cfg.qc)
         coords = coords[qc.kept]
         timings["qc"] = time.perf_counter() - t
@@ -220,6 +220,7 @@ def tile_slide(
         "target_patch_size": cfg.patch_size,
         "stride_level0": geom.stride_level0,
         "mpp_source": slide_mpp.source,
+        "backend_used": opened,  # the reader that opened it (backend auto tries several)
         "min_tissue": cfg.min_tissue,
         "slide_path": str(Path(path).resolve()),
         "slide_dimensions": [width, height],
