@@ -19,22 +19,27 @@ BIN = Path(sys.executable).parent
 N_SLIDES = 8
 
 
-@pytest.fixture(scope="session")
-def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """``slides/`` with 8 slides of 2048 × 1536 (tumour / normal alternating) and ``labels.csv``."""
-    root = tmp_path_factory.mktemp("cohort")
+def write_cohort(root: Path, n: int, seed: int) -> Path:
+    """``root/slides`` with ``n`` slides of 2048 × 1536 (tumour / normal alternating, seeds
+    ``seed``, ``seed + 1``, …) and ``root/labels.csv``; returns ``root``."""
     (root / "slides").mkdir()
     rows = ["slide_id,label"]
-    for i in range(N_SLIDES):
+    for i in range(n):
         tumour = i % 2 == 0
         sid = f"{'tum' if tumour else 'nor'}_{i:02d}"
         write_synthetic_slide(
             root / "slides" / f"{sid}.tif",
-            SyntheticSpec(width=2048, height=1536, tumour=tumour, n_tissue=2, seed=100 + i),
+            SyntheticSpec(width=2048, height=1536, tumour=tumour, n_tissue=2, seed=seed + i),
         )
         rows.append(f"{sid},{'tumour' if tumour else 'normal'}")
     (root / "labels.csv").write_text("\n".join(rows) + "\n")
     return root
+
+
+@pytest.fixture(scope="session")
+def cohort_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``slides/`` with 8 slides of 2048 × 1536 (tumour / normal alternating) and ``labels.csv``."""
+    return write_cohort(tmp_path_factory.mktemp("cohort"), N_SLIDES, seed=100)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wsi_mil.synthetic import SyntheticSpec, write_synthetic_slide
+from tests.cohort.conftest import write_cohort
 
 WSI = str(Path(sys.executable).parent / "wsi-mil")
 N_SLIDES = 12
@@ -44,17 +44,7 @@ TIMING = {"seconds", "updated", "worker", "detail"}
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``slides/`` with 12 slides of 2048 × 1536 (tumour / normal alternating), ``labels.csv``."""
-    root = tmp_path_factory.mktemp("crash_cohort")
-    (root / "slides").mkdir()
-    rows = ["slide_id,label"]
-    for i in range(N_SLIDES):
-        tumour = i % 2 == 0
-        sid = f"{'tum' if tumour else 'nor'}_{i:02d}"
-        spec = SyntheticSpec(width=2048, height=1536, tumour=tumour, n_tissue=2, seed=200 + i)
-        write_synthetic_slide(root / "slides" / f"{sid}.tif", spec)
-        rows.append(f"{sid},{'tumour' if tumour else 'normal'}")
-    (root / "labels.csv").write_text("\n".join(rows) + "\n")
-    return root
+    return write_cohort(tmp_path_factory.mktemp("crash_cohort"), N_SLIDES, seed=200)
 
 
 @pytest.fixture(scope="session")

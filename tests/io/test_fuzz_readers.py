@@ -47,6 +47,14 @@ def _refuses_cleanly(read: Callable[[Path], Any], path: Path) -> None:
         assert path.name in str(exc), str(exc)
 
 
+def _refuses_cleanly_bytes(read: Callable[[Path], Any], name: str, data: bytes) -> None:
+    """:func:`_refuses_cleanly` on a fresh file ``name`` holding ``data``."""
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_bytes(data)
+        _refuses_cleanly(read, path)
+
+
 # --------------------------------------------------------------------------- HDF5
 
 
@@ -74,10 +82,7 @@ def real_h5(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 @FUZZ
 @given(data=st.binary(max_size=4096))
 def test_h5_readers_random_bytes(kind: str, data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / f"{kind}.h5"
-        path.write_bytes(data)
-        _refuses_cleanly(READERS[kind], path)
+    _refuses_cleanly_bytes(READERS[kind], f"{kind}.h5", data)
 
 
 @pytest.mark.parametrize("kind", list(READERS))
@@ -89,10 +94,7 @@ def test_h5_readers_truncated_or_flipped(kind: str, cut: float, flips: list[tupl
     for where, byte in flips:  # corrupt a few bytes anywhere, the superblock included
         raw[int(where * (len(raw) - 1))] = byte
     raw = raw[: max(1, int(cut * len(raw)))] if cut < 1 else raw
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / f"{kind}.h5"
-        path.write_bytes(bytes(raw))
-        _refuses_cleanly(READERS[kind], path)
+    _refuses_cleanly_bytes(READERS[kind], f"{kind}.h5", bytes(raw))
 
 
 def _try(write: Callable[[], Any]) -> None:
@@ -168,19 +170,13 @@ GEOMETRY = st.fixed_dictionaries({
 @given(doc=st.one_of(JSON, st.fixed_dictionaries({"features": st.lists(
     st.fixed_dictionaries({"geometry": st.one_of(GEOMETRY, JSON)}), max_size=3)})))
 def test_geojson_reader_structures(doc: Any) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "mask.geojson"
-        path.write_text(json.dumps(doc))
-        _refuses_cleanly(read_tissue_polygons, path)
+    _refuses_cleanly_bytes(read_tissue_polygons, "mask.geojson", json.dumps(doc).encode())
 
 
 @FUZZ
 @given(data=st.binary(max_size=512))
 def test_geojson_reader_bytes(data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "mask.geojson"
-        path.write_bytes(data)
-        _refuses_cleanly(read_tissue_polygons, path)
+    _refuses_cleanly_bytes(read_tissue_polygons, "mask.geojson", data)
 
 
 # --------------------------------------------------------------------------- CSV
@@ -200,26 +196,17 @@ def _csv_bytes(text: str, encoding: str, bom: bool) -> bytes:
        header=st.sampled_from(["", "slide_id,label\n", "case_id,slide_id,label\n"]))
 @example(text='"\n"', encoding="utf-8", bom=False, header="")  # a quoted newline as the only column name
 def test_labels_reader(text: str, encoding: str, bom: bool, header: str) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "labels.csv"
-        path.write_bytes(_csv_bytes(header + text, encoding, bom))
-        _refuses_cleanly(read_labels, path)
+    _refuses_cleanly_bytes(read_labels, "labels.csv", _csv_bytes(header + text, encoding, bom))
 
 
 @FUZZ
 @given(data=st.binary(max_size=512))
 def test_labels_reader_bytes(data: bytes) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "labels.csv"
-        path.write_bytes(data)
-        _refuses_cleanly(read_labels, path)
+    _refuses_cleanly_bytes(read_labels, "labels.csv", data)
 
 
 @FUZZ
 @given(text=CSV_TEXT, encoding=st.sampled_from(["utf-8", "latin-1", "utf-16"]), bom=st.booleans(),
        header=st.sampled_from(["", "path\n", "path,mpp\n", "slide_path,slide_id,case_id\n"]))
 def test_slide_csv_reader(text: str, encoding: str, bom: bool, header: str) -> None:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / "slides.csv"
-        path.write_bytes(_csv_bytes(header + text, encoding, bom))
-        _refuses_cleanly(lambda p: collect_slides([p]), path)
+    _refuses_cleanly_bytes(lambda p: collect_slides([p]), "slides.csv", _csv_bytes(header + text, encoding, bom))
