@@ -187,23 +187,23 @@ def tile_slide(
         tissue = segment_tissue(rgb, seg_mpp, scale, cfg.segment)
         timings["segment"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    coords = np.empty((0, 2), np.int64)
-    if tissue.mask.any():
-        ys, xs = np.nonzero(tissue.mask)
-        bbox = (int(xs.min() * scale), int(ys.min() * scale), int((xs.max() + 1) * scale), int((ys.max() + 1) * scale))
-        coords = grid_coords(width, height, geom.size_level0, geom.stride_level0, bbox)
-        frac = box_fractions(tissue.mask, scale, coords, geom.size_level0)
-        coords = coords[frac >= max(cfg.min_tissue, 1e-9)]
-    timings["tile"] = time.perf_counter() - t
-
-    qc = None
-    if cfg.qc.enabled and len(coords):
         t = time.perf_counter()
-        with open_slide(path, backend=opened, mpp=mpp, mpp_source=mpp_source) as slide:
+        coords = np.empty((0, 2), np.int64)
+        if tissue.mask.any():
+            ys, xs = np.nonzero(tissue.mask)
+            bbox = (int(xs.min() * scale), int(ys.min() * scale), int((xs.max() + 1) * scale),
+                    int((ys.max() + 1) * scale))  # fmt: skip
+            coords = grid_coords(width, height, geom.size_level0, geom.stride_level0, bbox)
+            frac = box_fractions(tissue.mask, scale, coords, geom.size_level0)
+            coords = coords[frac >= max(cfg.min_tissue, 1e-9)]
+        timings["tile"] = time.perf_counter() - t
+
+        qc = None
+        if cfg.qc.enabled and len(coords):  # through the handle that segmented: one open per slide
+            t = time.perf_counter()
             qc = run_qc(slide, coords, geom.size_level0, geom.stride_level0, cfg.qc)
-        coords = coords[qc.kept]
-        timings["qc"] = time.perf_counter() - t
+            coords = coords[qc.kept]
+            timings["qc"] = time.perf_counter() - t
 
     t = time.perf_counter()
     attrs = {
