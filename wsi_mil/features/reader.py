@@ -5,12 +5,19 @@ inherited across ``fork``. Patches are grouped into *supertiles* — up to k×k 
 grid patches read as one region and cut — or read one by one (``supertile=1``). Batches
 carry the row index of every patch, so the writer puts rows in coords order whatever the
 worker interleaving; unreadable patches are reported by index and dropped.
+
+Reader processes start by ``fork`` only where that is safe: on CPU, with no CUDA context
+in this process. On CUDA (or once CUDA is initialised here) they start from a
+``forkserver`` that has imported torch and this module but never touched CUDA, so
+forking from it is safe and cheap; ``WSI_MIL_READER_START`` (fork, forkserver, spawn)
+overrides the choice. The stream is picklable for that (the slide handle is not sent).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +128,10 @@ class PatchStream:
         self._slide: Any = None
         self._pid: int | None = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A slide handle never travels to another process: each reader opens its own.
+        return {**self.__dict__, "_slide": None, "_pid": None}
+
     # -- slide handle, one per process -----------------------------------------------
     def open(self) -> None:
         """Open this process's slide handle (called by ``worker_init_fn``)."""
@@ -230,6 +241,51 @@ class PatchStream:
         )
 
 
+#: Start methods a reader pool may use (``WSI_MIL_READER_START`` picks one).
+START_METHODS = ("fork", "forkserver", "spawn")
+
+
+def reader_start_method(cuda: bool) -> str:
+    """How reader processes start: ``fork`` on CPU, ``forkserver`` on CUDA.
+
+    Forking a process that holds a CUDA context gives children a broken copy of it, so
+    ``fork`` is used only when ``cuda`` is False *and* CUDA is not initialised here.
+    ``WSI_MIL_READER_START`` overrides (fork, forkserver or spawn).
+
+    Examples
+    --------
+    >>> reader_start_method(cuda=True)
+    'forkserver'
+    """
+    from wsi_mil.errors import ConfigError
+
+    env = os.environ.get("WSI_MIL_READER_START", "").strip()
+    if env:
+        if env not in START_METHODS:
+            raise ConfigError(f"WSI_MIL_READER_START must be one of {', '.join(START_METHODS)}, got {env!r}")
+        return env
+    if cuda:
+        return "forkserver"
+    try:
+        import torch
+
+        if torch.cuda.is_initialized():
+            return "forkserver"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return "fork"
+
+
+def _context(method: str) -> Any:
+    import torch
+
+    ctx = torch.multiprocessing.get_context(method)
+    if method == "forkserver":
+        # The server imports these once; each reader forked from it starts in milliseconds.
+        ctx.set_forkserver_preload(["torch", "numpy", "cv2", "wsi_mil.features.reader", "wsi_mil.slide"])
+    return ctx
+
+
 def _worker_init(worker_id: int) -> None:
     from torch.utils.data import get_worker_info
 
@@ -238,12 +294,16 @@ def _worker_init(worker_id: int) -> None:
         info.dataset.open()  # type: ignore[union-attr]
 
 
-def make_loader(stream: PatchStream, workers: int, pin_memory: bool) -> Any:
-    """A DataLoader over ``stream`` (batches are formed by the stream itself)."""
-    import torch
-    from torch.utils.data import DataLoader, IterableDataset
+def __getattr__(name: str) -> Any:
+    # ``_Dataset`` subclasses torch's IterableDataset; built on first use so that importing
+    # this module does not import torch, and found by name when a spawned reader unpickles it.
+    if name != "_Dataset":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from torch.utils.data import IterableDataset
 
-    class _DS(IterableDataset):  # type: ignore[type-arg]
+    class _Dataset(IterableDataset):  # type: ignore[type-arg]
+        """A :class:`PatchStream` as a torch ``IterableDataset``."""
+
         def __init__(self, s: PatchStream) -> None:
             self.s = s
 
@@ -253,14 +313,41 @@ def make_loader(stream: PatchStream, workers: int, pin_memory: bool) -> Any:
         def __iter__(self) -> Iterator[Any]:
             return iter(self.s)
 
+    _Dataset.__module__, _Dataset.__qualname__ = __name__, "_Dataset"
+    globals()["_Dataset"] = _Dataset
+    return _Dataset
+
+
+def make_loader(stream: PatchStream, workers: int, pin_memory: bool, start_method: str | None = None) -> Any:
+    """A DataLoader over ``stream`` (batches are formed by the stream itself).
+
+    Parameters
+    ----------
+    stream : PatchStream
+        The slide's patches.
+    workers : int
+        Reader processes (0 reads in this process); at most one per group.
+    pin_memory : bool
+        Page-locked batches, for non-blocking copies to a GPU.
+    start_method : str, optional
+        ``fork``, ``forkserver`` or ``spawn``; default :func:`reader_start_method`, with
+        CUDA assumed when ``pin_memory``.
+    """
+    from torch.utils.data import DataLoader
+
     workers = max(0, min(int(workers), len(stream.groups)))
     kw: dict[str, Any] = {}
     if workers > 0:
+        method = start_method or reader_start_method(cuda=pin_memory)
         kw = {
             "worker_init_fn": _worker_init,
             "prefetch_factor": 2,
-            "multiprocessing_context": torch.multiprocessing.get_context("fork"),
+            "multiprocessing_context": _context(method),
         }
-    return DataLoader(
-        _DS(stream), batch_size=None, num_workers=workers, pin_memory=pin_memory, **kw
+    dataset = (globals().get("_Dataset") or __getattr__("_Dataset"))(stream)
+    loader = DataLoader(
+        dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory, **kw
     )
+    log.debug("%s: %d reader process(es)%s", stream.plan.slide_path, workers,
+              f" ({kw['multiprocessing_context'].get_start_method()})" if workers else "")
+    return loader

@@ -1,18 +1,83 @@
-"""Run an encoder fast and exactly: device, precision, channels-last, conv–BN folding."""
+"""Run an encoder fast and exactly: device, precision, channels-last, conv–BN folding.
+
+Also the rules a CUDA run depends on (see docs/gpu.md): which precision ``auto`` picks on
+the chosen GPU (:func:`auto_precision`), exact fp32 there (TF32 off, :func:`exact_fp32`),
+how many CPUs this process may really use (:func:`usable_cpus`), and the refusal of
+non-finite features before they are written (:func:`check_finite`).
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from wsi_mil.errors import ConfigError
+from wsi_mil.errors import ConfigError, SlideError
 from wsi_mil.features.registry import Encoder
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+#: Compute capability from which a GPU has native bf16 (Ampere, sm_80); below it
+#: ``torch.cuda.is_bf16_supported()`` may still say True, by emulation (V100, T4), slowly.
+BF16_CAPABILITY = (8, 0)
+
+
+class NonFiniteFeaturesError(SlideError):
+    """An encoder gave NaN or Inf features for a patch (fp16 overflow, most often)."""
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota.
+
+    ``os.cpu_count()`` counts the machine's cores, not the ones a SLURM job, a container
+    or ``taskset`` grants; readers sized from it oversubscribe the allowed cores.
+
+    Examples
+    --------
+    >>> 1 <= usable_cpus() <= (os.cpu_count() or 1)
+    True
+    """
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        n = min(n, max(1, math.ceil(quota)))
+    return max(1, n)
+
+
+def _cgroup_quota(root: str | Path = "/sys/fs/cgroup") -> float | None:
+    """CPUs allowed by the cgroup (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), None if unlimited."""
+    root = Path(root)
+    try:
+        text = (root / "cpu.max").read_text().split()
+        if len(text) == 2 and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        if text:
+            return None
+    except (OSError, ValueError):
+        pass
+    try:
+        q = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        per = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return q / per if q > 0 and per > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def auto_precision(capability: tuple[int, int]) -> str:
+    """``precision: auto`` on a GPU of this compute capability: native bf16, else fp16.
+
+    Examples
+    --------
+    >>> auto_precision((9, 0)), auto_precision((7, 5))
+    ('bf16', 'fp16')
+    """
+    return "bf16" if tuple(capability) >= BF16_CAPABILITY else "fp16"
 
 
 def resolve_device(device: str = "auto") -> Any:
@@ -31,11 +96,17 @@ def resolve_device(device: str = "auto") -> Any:
         raise ConfigError(
             f"device {device!r} asked for but CUDA is not available; use --device cpu"
         )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {device!r} asked for but only {torch.cuda.device_count()} CUDA device(s) "
+            "are visible (CUDA_VISIBLE_DEVICES)"
+        )
     return dev
 
 
 def resolve_precision(precision: str, device: Any) -> str:
-    """Mixed precision on GPU only (bf16 where supported, else fp16); exact fp32 on CPU."""
+    """The precision used on ``device``: exact fp32 on CPU; on a GPU as given, or for
+    ``auto`` by that device's compute capability (:func:`auto_precision`)."""
     import torch
 
     if precision not in PRECISIONS:
@@ -47,9 +118,88 @@ def resolve_precision(precision: str, device: Any) -> str:
                 "(bf16 autocast measured 7× slower on CPU)"
             )
         return "fp32"
+    cap = tuple(torch.cuda.get_device_capability(device))
     if precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return auto_precision(cap)
+    if precision == "bf16" and cap < BF16_CAPABILITY:
+        log.warning(
+            "%s (compute capability %d.%d) has no native bf16: it is emulated and slow; "
+            "fp16 or fp32 run faster there", device, *cap,
+        )
     return precision
+
+
+def exact_fp32() -> dict[str, bool]:
+    """Turn TF32 off for matmuls and cuDNN convolutions, so fp32 on a GPU is IEEE fp32.
+
+    Process-wide (torch keeps one flag per process). Returns the flags as set, for the
+    bag's attributes.
+    """
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return tf32_flags()
+
+
+def tf32_flags() -> dict[str, bool]:
+    """Whether TF32 is allowed now for CUDA matmuls and cuDNN convolutions."""
+    import torch
+
+    try:
+        return {
+            "matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn": bool(torch.backends.cudnn.allow_tf32),
+        }
+    except RuntimeError:  # flags set through torch's newer per-op API: read those
+        return {
+            "matmul": torch.backends.cuda.matmul.fp32_precision == "tf32",
+            "cudnn": torch.backends.cudnn.conv.fp32_precision == "tf32",
+        }
+
+
+def check_finite(features: np.ndarray, sid: str, rows: np.ndarray, coords: np.ndarray | None = None) -> None:
+    """Refuse NaN/Inf features before they are written.
+
+    Parameters
+    ----------
+    features : ndarray
+        (b, D) features of one batch.
+    sid : str
+        The slide id, for the message.
+    rows : ndarray
+        (b,) patch row of each feature row.
+    coords : ndarray, optional
+        (N, 2) the slide's patch coords, to name the patch's position too.
+
+    Raises
+    ------
+    NonFiniteFeaturesError
+        Naming the slide, the first bad patch row and a fix.
+
+    Examples
+    --------
+    >>> check_finite(np.ones((2, 3), np.float32), "a", np.array([0, 1]))
+    >>> check_finite(np.array([[1.0], [np.inf]]), "a", np.array([4, 7]))
+    Traceback (most recent call last):
+    ...
+    wsi_mil.features.runtime.NonFiniteFeaturesError: a: patch row 7 gave non-finite features (inf); ...
+    """
+    bad = ~np.isfinite(features).all(axis=1)
+    if not bad.any():
+        return
+    i = int(np.flatnonzero(bad)[0])
+    row = int(np.asarray(rows)[i])
+    kind = "nan" if np.isnan(features[i]).any() else "inf"
+    where = ""
+    if coords is not None:
+        x, y = (int(v) for v in np.asarray(coords)[row])
+        where = f" at ({x}, {y})"
+    raise NonFiniteFeaturesError(
+        sid,
+        f"patch row {row}{where} gave non-finite features ({kind}); {int(bad.sum())} of {len(bad)} rows "
+        "in its batch: an fp16 overflow? extract with --precision bf16 or fp32",
+    )
 
 
 def fold_conv_bn(model: Any) -> Any:
@@ -104,6 +254,10 @@ class Runner:
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.channels_last = channels_last
+        self.tf32 = {"matmul": False, "cudnn": False}
+        if self.device.type == "cuda":
+            # fp32 means IEEE fp32: no TF32 matmuls or convolutions (torch allows cuDNN's).
+            self.tf32 = exact_fp32() if self.precision == "fp32" else tf32_flags()
         model = encoder.model.eval()
         if fold_bn:
             model = fold_conv_bn(model)
@@ -158,4 +312,5 @@ class Runner:
             "device": self.device.type,
             "precision": self.precision,
             "channels_last": self.channels_last,
+            "tf32": bool(self.tf32["matmul"] or self.tf32["cudnn"]),
         }

@@ -2,7 +2,9 @@
 
 Memory stays bounded by one batch (plus one bool per patch): the ``features`` dataset is
 chunked and resizable; rows land at their coords index whatever order batches arrive in,
-and at the end rows of unreadable patches are squeezed out chunk by chunk.
+and at the end rows of unreadable patches are squeezed out chunk by chunk. Every batch is
+checked for NaN/Inf before it is written (:func:`~wsi_mil.features.runtime.check_finite`):
+a bag never holds non-finite features.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from wsi_mil.features.runtime import check_finite
 from wsi_mil.io import h5
 
 #: Bag attribute set last, once every row is written: a bag without it is not complete.
@@ -32,11 +35,15 @@ class BagWriter:
         (N, 2) int64 coords of every tiled patch, in coords order.
     dim : int
         Feature width D.
+    slide_id : str, optional
+        Named in errors; default the slide id in ``path`` (the name of the bag that an
+        :func:`~wsi_mil.io.atomic.atomic_path` partial stands for).
     """
 
-    def __init__(self, path: str | Path, coords: np.ndarray, dim: int) -> None:
+    def __init__(self, path: str | Path, coords: np.ndarray, dim: int, slide_id: str | None = None) -> None:
         import h5py
 
+        self.slide_id = slide_id or _slide_id(path)
         self.coords = np.asarray(coords, dtype=np.int64).reshape(-1, 2)
         n = len(self.coords)
         self.written = np.zeros(n, bool)
@@ -54,10 +61,17 @@ class BagWriter:
         )
 
     def write(self, rows: np.ndarray, features: np.ndarray) -> None:
-        """Store ``features`` (b, D) at patch rows ``rows`` (b,)."""
+        """Store ``features`` (b, D) at patch rows ``rows`` (b,).
+
+        Raises
+        ------
+        NonFiniteFeaturesError
+            A row holds NaN or Inf (nothing of this batch is written).
+        """
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return
+        check_finite(np.asarray(features), self.slide_id, rows, self.coords)
         order = np.argsort(rows)  # h5py wants increasing indices
         rows, features = rows[order], np.asarray(features, dtype=np.float32)[order]
         if len(rows) == rows[-1] - rows[0] + 1:  # contiguous: one slice write
@@ -117,3 +131,11 @@ class BagWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _slide_id(path: str | Path) -> str:
+    """``a`` for ``…/a.h5`` and for its partial ``.a~<pid>@<host>~<random>.h5.partial``."""
+    name = Path(path).name
+    if name.startswith(".") and "~" in name and name.endswith(".partial"):
+        return name[1:].split("~", 1)[0]
+    return Path(path).stem
