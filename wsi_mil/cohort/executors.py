@@ -1,5 +1,10 @@
 """Where ``wsi-mil run`` executes its task graph: this process, an existing Dask cluster, or
-an embedded ``LocalCluster`` (one process per core, plus one ``GPU=1`` worker per GPU)."""
+an embedded ``LocalCluster`` (one process per core, plus one ``GPU=1`` worker per GPU).
+
+The embedded cluster's workers are not daemonic (``distributed.worker.daemon: False``), so
+an extraction task can start its reader processes there; its CPU workers see no GPU
+(``CUDA_VISIBLE_DEVICES=""``) and each GPU worker sees only its own.
+"""
 
 from __future__ import annotations
 
@@ -121,6 +126,7 @@ class open_executor:  # noqa: N801 - used like a function
     def __init__(self, cfg: CohortConfig, where: str | None, echo: Callable[[str], None]) -> None:
         self.cfg, self.where, self.echo = cfg, where, echo
         self._close: list[Any] = []
+        self._config: Any = None
 
     def __enter__(self) -> Sequential | DaskExecutor:
         if self.where == "sequential":
@@ -140,6 +146,10 @@ class open_executor:  # noqa: N801 - used like a function
             n = len(client.scheduler_info()["workers"])
             self.echo(f"Dask scheduler {self.where}: {n} worker(s)")
         else:
+            import dask
+
+            # Read by each Nanny whenever it (re)starts its worker: kept for the cluster's life.
+            self._config = dask.config.set({"distributed.worker.daemon": False})
             cluster = _local_cluster(self.cfg)
             self._close.append(cluster)
             client = Client(cluster)
@@ -149,29 +159,49 @@ class open_executor:  # noqa: N801 - used like a function
             dash = f", dashboard {client.dashboard_link}" if self.cfg.cluster.dashboard else ""
             self.echo(f"Dask LocalCluster: {n} worker process(es){dash}")
         ex = DaskExecutor(client)
-        needs_gpu = self.cfg.extract.device.startswith("cuda") and "extract" in self.cfg.stages
-        if needs_gpu and not ex.gpu_workers and client.scheduler_info()["workers"]:
-            raise ConfigError(
-                f"{self.cfg.source}: extract.device is {self.cfg.extract.device} but no Dask worker declares a "
-                "GPU resource; start GPU workers with `dask worker ... --resources GPU=1`"
-            )
+        if not ex.gpu_workers and client.scheduler_info()["workers"]:
+            for stage, device in cuda_stages(self.cfg):
+                self.__exit__()
+                raise ConfigError(
+                    f"{self.cfg.source}: {stage}.device is {device} but no Dask worker declares a GPU "
+                    "resource (no GPU visible here, or cluster.gpu_workers 0); start GPU workers with "
+                    f"`dask worker ... --resources GPU=1`, or set {stage}.device to auto or cpu"
+                )
         return ex
 
     def __exit__(self, *exc: object) -> None:
         for obj in self._close:
             with contextlib.suppress(Exception):  # closing must not hide the run's own error
                 obj.close()
+        self._close = []
+        if self._config is not None:
+            self._config.__exit__(None, None, None)
+            self._config = None
+
+
+def cuda_stages(cfg: CohortConfig) -> list[tuple[str, str]]:
+    """(stage, device) of the stages this run sends to CUDA explicitly (``cuda``, ``cuda:N``).
+
+    Such a task needs a worker declaring ``GPU=1``; without one it would wait forever.
+    """
+    wanted = [("extract", cfg.extract.device), ("train", cfg.train.device)]
+    return [(st, dev) for st, dev in wanted if st in cfg.stages and str(dev).startswith("cuda")]
 
 
 def _local_cluster(cfg: CohortConfig) -> Any:
-    """One worker process per core (1 thread each), plus one ``GPU=1`` worker per GPU."""
+    """One worker process per usable core (1 thread each), plus one ``GPU=1`` worker per GPU.
+
+    CPU workers get ``CUDA_VISIBLE_DEVICES=""``; GPU worker ``g`` gets the ``g``-th device
+    this process sees (:func:`gpu_env`).
+    """
     import logging
-    import os
 
     from distributed import LocalCluster, Nanny
 
+    from wsi_mil.features.runtime import usable_cpus
+
     c = cfg.cluster
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cpus()
     n_gpu = c.gpu_workers
     if n_gpu < 0:
         n_gpu = _visible_gpus() if _gpu_stage(cfg) else 0
@@ -183,16 +213,35 @@ def _local_cluster(cfg: CohortConfig) -> Any:
         memory_limit=c.memory_limit,
         dashboard_address=":0" if c.dashboard else None,
         silence_logs=logging.ERROR,
+        env={"CUDA_VISIBLE_DEVICES": ""},  # CPU workers never see a GPU
     )
     if n_gpu:
         base = dict(cluster.new_spec["options"])
         for g in range(n_gpu):
             cluster.worker_spec[f"gpu-{g}"] = {
                 "cls": Nanny,
-                "options": {**base, "resources": {"GPU": 1}, "env": {"CUDA_VISIBLE_DEVICES": str(g)}},
+                "options": {**base, "resources": {"GPU": 1}, "env": gpu_env(g)},
             }
         cluster.scale(len(cluster.worker_spec))
     return cluster
+
+
+def gpu_env(g: int, visible: str | None = None) -> dict[str, str]:
+    """Environment of GPU worker ``g``: the ``g``-th device of ``CUDA_VISIBLE_DEVICES``.
+
+    Under a scheduler that already restricts this process (``CUDA_VISIBLE_DEVICES=2,3``),
+    worker 0 gets device 2, not 0.
+
+    Examples
+    --------
+    >>> gpu_env(1, "2,3"), gpu_env(1, "")
+    ({'CUDA_VISIBLE_DEVICES': '3'}, {'CUDA_VISIBLE_DEVICES': '1'})
+    """
+    import os
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
+    ids = [v.strip() for v in (visible or "").split(",") if v.strip()]
+    return {"CUDA_VISIBLE_DEVICES": ids[g] if g < len(ids) else str(g)}
 
 
 def _gpu_stage(cfg: CohortConfig) -> bool:

@@ -13,6 +13,7 @@ without a status row (the worker died between writing it and recording it) is re
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -21,6 +22,8 @@ from typing import Any
 
 from wsi_mil.errors import WsiMilError
 from wsi_mil.harness.runner import SlideOutcome, run_step
+
+log = logging.getLogger(__name__)
 
 #: Upstream states after which a slide's next stage can run.
 READY = ("done", "skipped")
@@ -87,6 +90,48 @@ def set_torch_threads(threads: int, slots_by_host: Mapping[str, int] | None = No
     return n
 
 
+def task_device(device: str) -> str:
+    """The device a task uses here: ``auto`` on a Dask worker without a ``GPU`` resource is cpu.
+
+    Outside Dask (or on a worker declaring ``GPU``), ``device`` is returned unchanged;
+    ``auto`` then means CUDA when a GPU is visible.
+    """
+    if device != "auto":
+        return device
+    try:
+        from distributed import get_worker
+
+        resources = get_worker().state.total_resources
+    except (ImportError, ValueError):
+        return device  # not in a Dask worker
+    return device if resources.get("GPU", 0) > 0 else "cpu"
+
+
+_DAEMONIC = (
+    "daemonic Dask worker: patches read in the task's own process (no reader processes); "
+    "start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False or --no-nanny"
+)
+_said: set[str] = set()
+
+
+def reader_note() -> tuple[str, bool]:
+    """Why extraction reads in the task's own process here ("" when readers can start), and
+    whether this is the first time this process says it (then it is also logged).
+
+    A daemonic process cannot start children (DataLoader readers): a Dask worker under a
+    Nanny is daemonic unless ``distributed.worker.daemon`` is False.
+    """
+    import multiprocessing
+
+    if not multiprocessing.current_process().daemon:
+        return "", False
+    first = _DAEMONIC not in _said
+    if first:
+        _said.add(_DAEMONIC)
+        log.warning(_DAEMONIC)
+    return _DAEMONIC, first
+
+
 # --------------------------------------------------------------------------- tile
 
 
@@ -150,9 +195,12 @@ def extract_task(
     slots_by_host: Mapping[str, int] | None = None,
     overwrite: bool = False,
 ) -> SlideOutcome:
-    """Extract one slide's bag once its tiling is done; ``overwrite`` redoes one made differently."""
-    import multiprocessing
+    """Extract one slide's bag once its tiling is done; ``overwrite`` redoes one made differently.
 
+    On a worker without a ``GPU`` resource, ``device: auto`` runs on cpu (:func:`task_device`).
+    On a daemonic worker, patches are read without reader processes, and the outcome's
+    detail and note say so (:func:`reader_note`).
+    """
     from wsi_mil.config import dump_config, from_mapping
     from wsi_mil.features.cohort import STAGE, extract_one
     from wsi_mil.features.extract import ExtractConfig, bag_inputs, is_extracted
@@ -164,6 +212,7 @@ def extract_task(
     outp = Path(out)
     layout = Layout(outp)
     cfg = from_mapping(ExtractConfig, extract_cfg, "extract")
+    cfg = replace(cfg, device=task_device(cfg.device))
 
     def complete() -> bool:  # finished, and made from this patch file with this encoder and precision
         from wsi_mil.io import h5
@@ -182,13 +231,17 @@ def extract_task(
     def work() -> SlideOutcome:
         set_torch_threads(threads, slots_by_host)
         runner = cached_runner(cfg)
-        run_cfg = cfg
-        if multiprocessing.current_process().daemon:  # a daemonic Dask worker cannot fork readers
-            run_cfg = replace(cfg, workers=0)
+        note, first = reader_note()
+        run_cfg = replace(cfg, workers=0) if note else cfg
         desc = layout.extract_config(cfg.encoder)
         if not desc.exists():
             dump_config(desc, {"extract": cfg, "encoder": {**runner.encoder.attrs(), **runner.describe()}})
-        return extract_one(outp, sid, runner, run_cfg, overwrite=overwrite)
+        outcome = extract_one(outp, sid, runner, run_cfg, overwrite=overwrite)
+        if note:
+            outcome.detail = f"{outcome.detail}; {note}" if outcome.detail else note
+            if first:  # the user hears it once per worker, the status row tells it per slide
+                outcome.note = outcome.note or note
+        return outcome
 
     return run_step(outp, sid, STAGE, work)
 
@@ -212,6 +265,7 @@ def train_task(
 
     outp = Path(out)
     cfg = config_from_dict(dict(train_cfg), "train")
+    cfg = replace(cfg, device=task_device(cfg.device))
     run_dir = Layout(outp).run_dir(cfg.run_name)
     if run_dir.is_dir():  # written atomically: it exists only complete
         stale = _stale_run(run_dir, outp, labels, encoder, cfg, bags, cohort_ids)

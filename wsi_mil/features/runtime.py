@@ -314,3 +314,41 @@ class Runner:
             "channels_last": self.channels_last,
             "tf32": bool(self.tf32["matmul"] or self.tf32["cudnn"]),
         }
+
+
+def feature_agreement(reference: np.ndarray, features: np.ndarray) -> dict[str, float]:
+    """How well ``features`` reproduce ``reference`` row by row (same patches, same order).
+
+    Parameters
+    ----------
+    reference : ndarray
+        (N, D) reference features, e.g. CPU fp32.
+    features : ndarray
+        (N, D) the features to check, e.g. GPU bf16, of the same N patches.
+
+    Returns
+    -------
+    dict
+        ``max_rel_l2``: the largest ‖f_i − r_i‖ / ‖r_i‖ over rows; ``own_row_share``: the
+        share of rows closer (Euclidean) to their own reference row than to any other. A
+        shuffle of the rows fails both; cosine similarity would not (random-weight CNN
+        features of different patches have cosine ≈ 0.999).
+
+    Examples
+    --------
+    >>> r = np.eye(3, dtype=np.float32) + 1.0
+    >>> feature_agreement(r, r)
+    {'max_rel_l2': 0.0, 'own_row_share': 1.0}
+    >>> feature_agreement(r, r[[1, 2, 0]])["own_row_share"]
+    0.0
+    """
+    ref = np.asarray(reference, np.float64)
+    got = np.asarray(features, np.float64)
+    if ref.shape != got.shape or ref.ndim != 2:
+        raise ValueError(f"feature shapes differ or are not (N, D): {ref.shape} vs {got.shape}")
+    rel = np.linalg.norm(got - ref, axis=1) / np.maximum(np.linalg.norm(ref, axis=1), 1e-12)  # (N,)
+    d2 = (got**2).sum(1)[:, None] + (ref**2).sum(1)[None, :] - 2.0 * got @ ref.T  # (N, N) squared distances
+    own = np.diag(d2).copy()
+    np.fill_diagonal(d2, np.inf)
+    closer = own < d2.min(axis=1) if len(ref) > 1 else np.ones(len(ref), bool)
+    return {"max_rel_l2": float(rel.max()) if len(rel) else 0.0, "own_row_share": float(closer.mean())}
