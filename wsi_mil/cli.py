@@ -446,6 +446,47 @@ def view(
     )  # fmt: skip
 
 
+@app.command(
+    epilog="Examples: wsi-mil evaluate --heatmaps cohort/heatmaps/run1 --annotations annotations --out eval\n\n"
+    "wsi-mil evaluate --heatmaps cohort/heatmaps/run1 --annotations camelyon16_xml --out eval --threshold 0.9\n\n"
+    "wsi-mil evaluate --heatmaps cohort/heatmaps/run1 --annotations qupath --out eval --class Tumor"
+)
+@handles_errors
+def evaluate(
+    heatmaps: Annotated[Path, typer.Option("--heatmaps", help="A run's heatmap folder, OUT/heatmaps/<run>.")],
+    annotations: Annotated[
+        Path,
+        typer.Option(
+            "--annotations", help="Folder of <slide_id>.geojson / .xml / .png / .tif; a slide without one is negative."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where summary.json, per_slide.csv and the plots go.")],
+    classes: Annotated[
+        list[str] | None,
+        typer.Option("--class", help="Positive annotation class (repeatable; default: any annotation)."),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Dice threshold (probabilities; attention / its slide's max). Default 0.5.")
+    ] = None,
+    mask_mpp: Annotated[float | None, typer.Option("--mask-mpp", help="µm/px of mask images.")] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", help="Evaluate YAML file or preset (configs/evaluate/); flags override it."),
+    ] = None,
+) -> None:
+    """Localisation scored against annotations: patch AUC, average precision, lesion FROC, dice (docs/evaluate.md)."""
+    from wsi_mil.evaluate import evaluate as run_evaluate
+    from wsi_mil.evaluate import load_evaluate_config
+
+    overrides = {"classes": tuple(classes) if classes else None, "threshold": threshold, "mask_mpp": mask_mpp}
+    cfg = load_evaluate_config(config, overrides)
+    ev = run_evaluate(heatmaps, annotations, out, cfg, echo=typer.echo)
+    n_pos = sum(s.positive for s in ev.slides)
+    typer.echo(f"{len(ev.slides)} slides ({n_pos} positive) → {out}")
+    for name, m in ev.summary.items():
+        typer.echo(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     app(args=argv if argv is not None else sys.argv[1:], prog_name="wsi-mil")
