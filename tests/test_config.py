@@ -15,6 +15,7 @@ import wsi_mil
 from wsi_mil.cohort.config import ClusterConfig, load_cohort_config
 from wsi_mil.config import CONFIG_DIR, apply_overrides, from_mapping, list_presets, load_config, preset_path
 from wsi_mil.errors import ConfigError
+from wsi_mil.evaluate.run import EvaluateConfig
 from wsi_mil.features.extract import ExtractConfig
 from wsi_mil.heatmaps.options import HeatmapOptions
 from wsi_mil.mil.config import TrainConfig, load_train_config
@@ -36,6 +37,7 @@ CASES = [
     Case("extract", ExtractConfig, "batch_size", "16", 16),
     Case("train", TrainConfig, "optim.epochs", 7, 7),
     Case("heatmap", HeatmapOptions, "percentiles", [2, 98], (2.0, 98.0)),
+    Case("evaluate", EvaluateConfig, "classes", ["Tumor"], ("Tumor",)),
 ]
 
 
@@ -194,5 +196,5 @@ def test_presets_ship_inside_the_package() -> None:
     package = Path(wsi_mil.__file__).parent
     assert package / "configs" == CONFIG_DIR
     stages = {p.parent.name for p in CONFIG_DIR.glob("*/default.yaml")}
-    assert stages == {"cohort", "extract", "heatmap", "tile", "train"}
+    assert stages == {"cohort", "evaluate", "extract", "heatmap", "tile", "train"}
     # That a built wheel carries them and its train preset loads: tests/test_wheel.py (make test-wheel).
