@@ -95,12 +95,15 @@ class SyntheticTruth:
     spec: dict = field(default_factory=dict)
     blur: np.ndarray | None = None  # (h, w) bool, out-of-focus tissue
     fold: np.ndarray | None = None  # (h, w) bool, folded (double-layer) tissue
+    lymphoid: np.ndarray | None = None  # (h, w) bool, lymphoid aggregates (hard negatives)
 
     def __post_init__(self) -> None:
         if self.blur is None:
             self.blur = np.zeros_like(self.tissue)
         if self.fold is None:
             self.fold = np.zeros_like(self.tissue)
+        if self.lymphoid is None:
+            self.lymphoid = np.zeros_like(self.tissue)
 
     def fraction_in(self, x: int, y: int, size: int, which: str = "tissue") -> float:
         """Share of the level-0 square (x, y, size) that is ``which`` on the truth grid."""
@@ -142,7 +145,12 @@ def _truth(spec: SyntheticSpec) -> tuple[SyntheticTruth, np.ndarray, np.ndarray,
     shape = (math.ceil(spec.height / d), math.ceil(spec.width / d))
     tissue_f = _smooth_field(rng, shape, spec.n_tissue, spec.tissue_scale) - 0.5
     tumour_f = np.full(shape, -1.0, np.float32)
-    if spec.tumour:
+    share = getattr(spec, "tumour_share", None)  # set by wsi_mil.synthetic.cohorts.HardSpec
+    if spec.tumour and share is not None:
+        from wsi_mil.synthetic.cohorts import tumour_field
+
+        tumour_f = tumour_field(rng, tissue_f, share, getattr(spec, "tumour_foci", 1))
+    elif spec.tumour:
         inside = np.argwhere(tissue_f > 0.15)
         if len(inside):
             raw = np.zeros(shape, np.float32)
@@ -171,7 +179,7 @@ def _truth(spec: SyntheticSpec) -> tuple[SyntheticTruth, np.ndarray, np.ndarray,
 
 def _render_tile(
     spec: SyntheticSpec,
-    fields: tuple[np.ndarray, np.ndarray, np.ndarray],
+    fields: tuple[np.ndarray, ...],
     ds: float,
     x0: int,
     y0: int,
@@ -182,7 +190,7 @@ def _render_tile(
     """RGB tile (h, w, 3) of the level with downsample ``ds`` at level pixel (x0, y0)."""
     import cv2
 
-    tissue_f, tumour_f, pen = fields
+    tissue_f, tumour_f, pen = fields[:3]
     d = spec.truth_downsample
     # Truth-grid coordinates of each pixel centre of this tile.
     gx = ((np.arange(w, dtype=np.float32) + x0 + 0.5) * ds / d - 0.5)[None, :].repeat(h, 0)
@@ -203,9 +211,16 @@ def _render_tile(
     else:  # nuclei smaller than a pixel: their mean coverage
         nuclei = np.where(tum > 0, 0.55, 0.22).astype(np.float32)
         nuclei += rng.normal(0, 0.03, (h, w)).astype(np.float32)
+    lym = None
+    if len(fields) > 3:  # lymphoid aggregates (wsi_mil.synthetic.cohorts): small dark nuclei
+        from wsi_mil.synthetic.cohorts import lymphoid_nuclei
+
+        lym = cv2.remap(fields[3], gx, gy, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) > 0
+        nuclei = np.where(lym, lymphoid_nuclei(rng, h, w, um), nuclei)
     nuclei = np.clip(nuclei, 0, 1)[..., None]
     stroma = EOSIN + rng.normal(0, 6, (h, w, 1)).astype(np.float32)
-    tissue_rgb = stroma * (1 - nuclei) + HEMATOXYLIN * nuclei
+    hema = HEMATOXYLIN if lym is None else np.where(lym[..., None], HEMATOXYLIN * 0.8, HEMATOXYLIN)
+    tissue_rgb = stroma * (1 - nuclei) + hema * nuclei
     alpha = np.clip(tis * 40 + 0.5, 0, 1)[..., None]  # soft edge about one truth cell wide
     bg = BACKGROUND + rng.normal(0, 2, (h, w, 1)).astype(np.float32)
     rgb = bg * (1 - alpha) + tissue_rgb * alpha
@@ -222,6 +237,26 @@ def _levels(spec: SyntheticSpec) -> list[int]:
     while max(spec.width, spec.height) / out[-1] > 1500:
         out.append(out[-1] * 4)
     return out
+
+
+def draw_truth(spec: SyntheticSpec) -> SyntheticTruth:
+    """The ground truth :func:`write_synthetic_slide` would write for ``spec``, without the slide.
+
+    Examples
+    --------
+    >>> truth = draw_truth(SyntheticSpec(width=1024, height=768, tumour=True))
+    >>> bool(truth.tumour.any()), bool((truth.tumour & ~truth.tissue).any())
+    (True, False)
+    """
+    truth, tissue_f, tumour_f, _ = _truth(spec)
+    art = artefact_masks(spec, tissue_f)
+    if art is not None:
+        truth.blur, truth.fold = art.blur, art.fold
+    if getattr(spec, "lymphoid", 0):
+        from wsi_mil.synthetic.cohorts import lymphoid_field
+
+        truth.lymphoid = (lymphoid_field(spec, tissue_f, tumour_f) > 0) & ~truth.pen
+    return truth
 
 
 def write_synthetic_slide(path: str | Path, spec: SyntheticSpec | None = None) -> SyntheticTruth:
@@ -248,7 +283,13 @@ def write_synthetic_slide(path: str | Path, spec: SyntheticSpec | None = None) -
     spec = spec or SyntheticSpec()
     path = Path(path)
     truth, tissue_f, tumour_f, pen = _truth(spec)
-    fields = (tissue_f, tumour_f, pen)
+    fields: tuple[np.ndarray, ...] = (tissue_f, tumour_f, pen)
+    if getattr(spec, "lymphoid", 0):  # set by wsi_mil.synthetic.cohorts.HardSpec
+        from wsi_mil.synthetic.cohorts import lymphoid_field
+
+        lymph_f = lymphoid_field(spec, tissue_f, tumour_f)
+        truth.lymphoid = (lymph_f > 0) & ~truth.pen
+        fields = (*fields, lymph_f)
     art = artefact_masks(spec, tissue_f)
     if art is not None:
         truth.blur, truth.fold = art.blur, art.fold
@@ -304,7 +345,7 @@ def save_truth(truth: SyntheticTruth, path: str | Path) -> None:
     """Store the ground truth as a compressed npz (atomically)."""
     import json
 
-    extra = {k: m for k in ("blur", "fold") if (m := getattr(truth, k)) is not None and m.any()}
+    extra = {k: m for k in ("blur", "fold", "lymphoid") if (m := getattr(truth, k)) is not None and m.any()}
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez_compressed(fh, tissue=truth.tissue, tumour=truth.tumour, pen=truth.pen,
                             downsample=truth.downsample, spec=json.dumps(truth.spec), **extra)
@@ -317,4 +358,4 @@ def load_truth(slide_path: str | Path) -> SyntheticTruth:
     with np.load(truth_path(slide_path)) as z:
         return SyntheticTruth(tissue=z["tissue"], tumour=z["tumour"], pen=z["pen"],
                               downsample=int(z["downsample"]), spec=json.loads(str(z["spec"])),
-                              blur=z.get("blur"), fold=z.get("fold"))
+                              blur=z.get("blur"), fold=z.get("fold"), lymphoid=z.get("lymphoid"))
