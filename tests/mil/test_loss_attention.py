@@ -125,12 +125,33 @@ def test_ramp_up_and_ema_targets() -> None:
     assert consistency_weight(50, 10, 2.0) == 2.0
     assert consistency_weight(3, 10, 0.0) == 0.0
     ema = AttentionTargets(beta=0.5)
-    mask = torch.tensor([[True, True, False]])
+    rows = torch.tensor([[0, 1, -1]])  # two instances and a padded slot
     a1 = torch.tensor([[0.2, 0.8, 0.0]])
-    torch.testing.assert_close(ema.get(["s"], a1, mask), a1)
-    ema.update(["s"], a1, mask)
-    ema.update(["s"], torch.tensor([[0.6, 0.4, 0.0]]), mask)
-    torch.testing.assert_close(ema.get(["s"], a1, mask), torch.tensor([[0.4, 0.6, 0.0]]))
+    assert torch.isnan(ema.get(["s"], rows)).all()  # no target before the first observation
+    ema.update(["s"], rows, a1)
+    ema.update(["s"], rows, torch.tensor([[0.6, 0.4, 0.0]]))
+    got = ema.get(["s"], rows)
+    torch.testing.assert_close(got[:, :2], torch.tensor([[0.4, 0.6]]))
+    assert torch.isnan(got[0, 2])  # padding has no target
+
+
+def test_instances_without_a_target_add_no_consistency_cost() -> None:
+    X, mask = _batch()
+    y = torch.tensor([0, 1, 2, 1])
+    model = _model(lam=0.0)
+    att = model.outputs(X, mask).attention.detach()
+    target = mask.double() / mask.sum(1, keepdim=True)  # (B, N) uniform
+    partial = target.clone()
+    partial[0, :3] = float("nan")  # bag 0's first three instances: not seen yet
+    mixed = target.clone()
+    mixed[0, :3] = att[0, :3]  # the same as a target equal to their own attention
+    _, t_nan = model.compute_loss(y, X, mask, attention_target=partial, consistency_weight=1.0)
+    _, t_own = model.compute_loss(y, X, mask, attention_target=mixed, consistency_weight=1.0)
+    torch.testing.assert_close(t_nan["consistency"], t_own["consistency"])
+    torch.testing.assert_close(_grads(model, t_nan["consistency"]), _grads(model, t_own["consistency"]))
+    _, t_none = model.compute_loss(y, X, mask, attention_target=torch.full_like(target, float("nan")),
+                                   consistency_weight=1.0)
+    assert t_none["consistency"].item() == 0.0
 
 
 def test_huge_bag_with_large_logits_is_finite() -> None:

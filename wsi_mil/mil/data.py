@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -131,11 +132,47 @@ def bag_paths(feature_dir: str | os.PathLike[str], slide_ids: Sequence[str]) -> 
     return paths
 
 
+class BagItem(NamedTuple):
+    """One bag as :class:`BagDataset` returns it."""
+
+    features: Tensor  # (n, D) float32, the kept instances
+    label: int
+    index: int  # the bag's place in the dataset
+    rows: Tensor  # (n,) int64, each kept instance's row in the bag file (sorted)
+
+
+class BagBatch(NamedTuple):
+    """A padded batch (:func:`collate_bags`)."""
+
+    X: Tensor  # (B, N, D)
+    mask: Tensor  # (B, N) bool, True for real instances
+    y: Tensor  # (B,)
+    index: Tensor  # (B,) dataset index of each bag
+    rows: Tensor  # (B, N) int64 row of each instance in its bag file, -1 on padding
+
+
 class BagDataset(Dataset):
     """Reads one bag per item from disk; nothing is held in memory between items.
 
-    Items are ``(features (N, D) float32 tensor, label, index)``.
-    ``max_instances > 0`` draws a random subset of that many instances (training only).
+    Items are :class:`BagItem`: the features, the label, the bag's index and the rows of
+    the bag file the features are (all rows, or the kept subset).
+
+    ``max_instances > 0`` keeps a random subset of that many instances (training only).
+    The subset is drawn from a generator seeded by ``(seed, epoch, bag index)``: it
+    differs from epoch to epoch (call :meth:`set_epoch` before each), is the same for
+    the same seed, and does not depend on which reader worker loads the bag, so
+    ``num_workers`` stays a speed-only setting.
+
+    Examples
+    --------
+    >>> import pathlib, tempfile
+    >>> from wsi_mil.io.h5 import write_bag
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "a.h5"
+    >>> write_bag(p, np.ones((10, 4), np.float32), np.zeros((10, 2)), {})
+    >>> ds = BagDataset([p], np.array([1]), max_instances=3, seed=0)
+    >>> item = ds[0]
+    >>> item.features.shape, len(item.rows)
+    (torch.Size([3, 4]), 3)
     """
 
     def __init__(
@@ -144,33 +181,48 @@ class BagDataset(Dataset):
         self.paths = list(paths)
         self.y = np.asarray(y, np.int64)
         self.max_instances = int(max_instances)
-        self.rng = np.random.default_rng(seed)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the next subsets for ``epoch`` (before the loader iterates, so workers get it)."""
+        self.epoch = int(epoch)
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+    def kept_rows(self, i: int, n: int) -> np.ndarray:
+        """Sorted rows of bag ``i`` (``n`` instances) kept in the current epoch."""
+        if not self.max_instances or n <= self.max_instances:
+            return np.arange(n)
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        return np.sort(rng.choice(n, self.max_instances, replace=False))
+
+    def __getitem__(self, i: int) -> BagItem:
         feats = read_bag(self.paths[i]).features  # (N, D)
         if len(feats) == 0:
             raise BagError(f"{self.paths[i]}: bag has no instances")
-        if self.max_instances and len(feats) > self.max_instances:
-            keep = np.sort(self.rng.choice(len(feats), self.max_instances, replace=False))
-            feats = feats[keep]
-        return torch.from_numpy(feats), int(self.y[i]), i
+        rows = self.kept_rows(i, len(feats))
+        if len(rows) < len(feats):
+            feats = feats[rows]
+        return BagItem(torch.from_numpy(feats), int(self.y[i]), i, torch.from_numpy(rows.astype(np.int64)))
 
 
-def collate_bags(items: Sequence[tuple[Tensor, int, int]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Pad bags to the longest: X (B, N, D), mask (B, N), y (B,), index (B,)."""
-    n = max(f.shape[0] for f, _, _ in items)
-    D = items[0][0].shape[1]
+def collate_bags(items: Sequence[BagItem]) -> BagBatch:
+    """Pad bags to the longest: X (B, N, D), mask (B, N), y (B,), index (B,), rows (B, N)."""
+    n = max(it.features.shape[0] for it in items)
+    D = items[0].features.shape[1]
     X = torch.zeros(len(items), n, D)  # (B, N, D)
     mask = torch.zeros(len(items), n, dtype=torch.bool)  # (B, N)
-    for i, (f, _, _) in enumerate(items):
-        X[i, : f.shape[0]] = f
-        mask[i, : f.shape[0]] = True
-    y = torch.tensor([t for _, t, _ in items], dtype=torch.long)
-    idx = torch.tensor([j for _, _, j in items], dtype=torch.long)
-    return X, mask, y, idx
+    rows = torch.full((len(items), n), -1, dtype=torch.long)  # (B, N)
+    for i, it in enumerate(items):
+        m = it.features.shape[0]
+        X[i, :m] = it.features
+        mask[i, :m] = True
+        rows[i, :m] = it.rows
+    y = torch.tensor([it.label for it in items], dtype=torch.long)
+    idx = torch.tensor([it.index for it in items], dtype=torch.long)
+    return BagBatch(X, mask, y, idx, rows)
 
 
 def feature_stats(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, int]:

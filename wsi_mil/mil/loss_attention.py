@@ -15,7 +15,7 @@ For bag i with trunk features h_t and one fully connected layer (W, b):
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -104,6 +104,7 @@ class LossAttentionMIL(MILModel):
         *,
         attention_target: Tensor | None = None,
         consistency_weight: float = 0.0,
+        record_attention: Callable[[Tensor], None] | None = None,
         **kwargs: Any,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Bag CE, λ-weighted attention-weighted instance CE, ω-weighted consistency.
@@ -115,19 +116,27 @@ class LossAttentionMIL(MILModel):
         X, mask
             Padded batch (B, N, D) and its (B, N) mask.
         attention_target : Tensor, optional
-            (B, N) EMA targets α̃ (from :class:`AttentionTargets`); required when
+            (B, N) EMA targets α̃ (:meth:`AttentionTargets.get`); NaN where an instance has
+            no target yet (it adds nothing to the consistency term). Required when
             ``consistency_weight > 0``.
         consistency_weight : float
             ω(m) for the current epoch (see :func:`consistency_weight`).
+        record_attention : callable, optional
+            Called once with this forward's attention (B, N), detached — the attention the
+            loss was computed with, so the EMA needs no extra forward pass
+            (:meth:`AttentionTargets.update`).
 
         Returns
         -------
         logits, losses
             (B, K) bag logits and the dict of the three terms, each averaged over bags and
-            already multiplied by its weight (the training loss is their sum).
+            already multiplied by its weight (the training loss is their sum,
+            :func:`wsi_mil.mil.protocol.total_loss`).
         """
         mask = check_mask(X, mask)
         out = self.outputs(X, mask)
+        if record_attention is not None:
+            record_attention(out.attention.detach())
         bag = F.cross_entropy(out.bag_logits, y)
         B, N, K = out.instance_logits.shape
         ce_inst = F.cross_entropy(
@@ -138,7 +147,9 @@ class LossAttentionMIL(MILModel):
         if consistency_weight > 0.0:
             if attention_target is None:
                 raise ValueError("consistency_weight > 0 needs attention_target")
-            diff = (out.attention - attention_target.to(out.attention)).masked_fill(~mask, 0.0)
+            target = attention_target.to(out.attention)  # (B, N)
+            has = mask & ~torch.isnan(target)  # (B, N) instances with a target
+            diff = torch.where(has, out.attention - target.nan_to_num(0.0), 0.0)  # (B, N)
             consistency = consistency_weight * diff.pow(2).sum(1).mean()
         else:
             consistency = bag.new_zeros(())
@@ -146,43 +157,64 @@ class LossAttentionMIL(MILModel):
 
 
 class AttentionTargets:
-    """Per-instance EMA targets α̃ ← β α̃ + (1 − β) α, kept on the CPU by bag id.
+    """Per-instance EMA targets α̃ ← β α̃ + (1 − β) α, kept on the CPU by (bag, instance row).
 
-    A bag's targets start at its first observed attention. The trainer calls
-    :meth:`get` before the loss and :meth:`update` with the attention of the same step,
-    so over an epoch every instance's target moves once.
+    An instance is known by its bag's id and its row in the bag file, so when training
+    subsamples a bag (``optim.max_instances``) every kept instance meets its own target,
+    whichever subset it is in. An instance's target starts at its first observed
+    attention; until then it has none (NaN, no consistency cost). The trainer reads the
+    targets before the loss (:meth:`get`) and folds in the attention of that same
+    training forward (:meth:`update`, via ``compute_loss(record_attention=...)``), so
+    every kept instance's target moves once per epoch and no extra forward pass is run.
 
     Parameters
     ----------
     beta : float
         EMA decay β in [0, 1).
+
+    Examples
+    --------
+    >>> t = AttentionTargets(beta=0.5)
+    >>> rows = torch.tensor([[0, 2, -1]])                     # rows 0 and 2 kept, one pad
+    >>> t.get([7], rows)
+    tensor([[nan, nan, nan]])
+    >>> t.update([7], rows, torch.tensor([[0.25, 0.75, 0.0]]))
+    >>> t.update([7], torch.tensor([[2, 1]]), torch.tensor([[0.25, 0.75]]))
+    >>> t.get([7], torch.tensor([[0, 1, 2]]))
+    tensor([[0.2500, 0.7500, 0.5000]])
     """
 
     def __init__(self, beta: float = 0.6) -> None:
         if not 0.0 <= beta < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {beta}")
         self.beta = float(beta)
-        self._store: dict[Hashable, np.ndarray] = {}
+        self._store: dict[Hashable, np.ndarray] = {}  # bag id -> (n_rows,) float32, NaN unseen
 
-    def get(self, bag_ids: Sequence[Hashable], attention: Tensor, mask: Tensor) -> Tensor:
-        """Targets (B, N) for ``bag_ids``; unseen bags get their current ``attention``."""
-        att = attention.detach().cpu().numpy()  # (B, N)
-        n_real = mask.sum(1).cpu().numpy()
-        out = np.zeros_like(att)
+    def get(self, bag_ids: Sequence[Hashable], rows: Tensor) -> Tensor:
+        """Targets (B, N) of the instances at ``rows`` (B, N; -1 = padding); NaN where none."""
+        r = rows.detach().cpu().numpy()
+        out = np.full(r.shape, np.nan, np.float32)
         for i, bid in enumerate(bag_ids):
-            n = int(n_real[i])
             stored = self._store.get(bid)
-            out[i, :n] = stored if stored is not None and len(stored) == n else att[i, :n]
-        return torch.from_numpy(out).to(attention.device)
+            if stored is None:
+                continue
+            real = (r[i] >= 0) & (r[i] < len(stored))
+            out[i, real] = stored[r[i, real]]
+        return torch.from_numpy(out)
 
-    def update(self, bag_ids: Sequence[Hashable], attention: Tensor, mask: Tensor) -> None:
-        """Fold the step's attention (B, N) into the stored targets."""
-        att = attention.detach().cpu().numpy()
-        n_real = mask.sum(1).cpu().numpy()
+    def update(self, bag_ids: Sequence[Hashable], rows: Tensor, attention: Tensor) -> None:
+        """Fold a forward's attention (B, N) of the instances at ``rows`` into their targets."""
+        r = rows.detach().cpu().numpy()
+        att = attention.detach().float().cpu().numpy()
         for i, bid in enumerate(bag_ids):
-            n = int(n_real[i])
-            new = att[i, :n].astype(np.float32)
-            old = self._store.get(bid)
-            self._store[bid] = (
-                new if old is None or len(old) != n else self.beta * old + (1 - self.beta) * new
-            )
+            real = r[i] >= 0
+            ri, new = r[i, real], att[i, real]
+            stored = self._store.get(bid)
+            need = int(ri.max()) + 1 if len(ri) else 0
+            if stored is None or len(stored) < need:
+                grown = np.full(need, np.nan, np.float32)
+                if stored is not None:
+                    grown[: len(stored)] = stored
+                stored = self._store[bid] = grown
+            old = stored[ri]
+            stored[ri] = np.where(np.isnan(old), new, self.beta * old + (1 - self.beta) * new)

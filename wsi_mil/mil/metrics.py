@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -114,3 +115,41 @@ def aggregate_cases(
             if len(labels) == 1:
                 y_case[i] = labels.pop()
     return cases, y_case, p_case, n_slides
+
+
+def case_metrics(case_ids: list[str], y: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
+    """Classification metrics over cases (mean slide probability); mixed-label cases left out."""
+    _, y_case, p_case, _ = aggregate_cases(case_ids, y, probs)
+    keep = y_case >= 0
+    out: dict[str, Any] = classification_metrics(y_case[keep], p_case[keep]) if keep.any() else {
+        "n": 0, "accuracy": float("nan"), "balanced_accuracy": float("nan"), "auc": float("nan"), "f1": float("nan")
+    }
+    out["n_mixed_label_cases"] = int((~keep).sum())
+    return out
+
+
+def case_table(
+    case_ids: list[str],
+    y: np.ndarray | None,
+    probs: np.ndarray,
+    classes: list[str],
+    fold: np.ndarray | None = None,
+) -> Any:
+    """Per-case predictions: ``case_id, n_slides, [label], [fold], prediction, prob_<class>...``.
+
+    The case's probabilities are the mean of its slides' (:data:`CASE_AGGREGATION`); its
+    label is empty when its slides disagree, its fold the fold that tested it.
+    """
+    import pandas as pd
+
+    cases, y_case, p_case, n = aggregate_cases(case_ids, y, probs)
+    df = pd.DataFrame({"case_id": cases, "n_slides": n})
+    if y is not None:
+        df["label"] = [classes[i] if i >= 0 else "" for i in y_case]
+    if fold is not None:
+        tested_in = {c: int(f) for c, f in zip(case_ids, fold, strict=True)}  # a case's slides share one test fold
+        df["fold"] = [tested_in[c] for c in cases]
+    df["prediction"] = [classes[i] for i in p_case.argmax(1)]
+    for c, name in enumerate(classes):
+        df[f"prob_{name}"] = p_case[:, c]
+    return df
