@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from wsi_mil.errors import ConfigError, WsiMilError
-from wsi_mil.features import encoders as enc_mod
 from wsi_mil.features.registry import (
     Encoder,
     EncoderError,
@@ -54,13 +53,17 @@ def test_list_encoders_and_custom_registration() -> None:
     "name", ["hf-hub:MahmoodLab/UNI", "resnet50_trunc", "timm:resnet18.a1_in1k"]
 )
 def test_pretrained_offline_fails_with_one_clear_line(
-    name: str, monkeypatch: pytest.MonkeyPatch
+    name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(enc_mod, "hub_reachable", lambda *a, **k: False)
+    from huggingface_hub import constants
+
+    # huggingface_hub's own offline switch (HF_HUB_OFFLINE=1) and an empty cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(EncoderError) as exc:
         create_encoder(name)
     msg = str(exc.value)
-    assert name in msg and "--weights PATH" in msg and "\n" not in msg
+    assert name in msg and "--weights PATH" in msg and "HF_HUB_OFFLINE" in msg and "\n" not in msg
 
 
 def test_random_weights_are_seeded() -> None:

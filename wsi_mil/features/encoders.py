@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from wsi_mil.features.registry import (
     Encoder,
     EncoderError,
     Preprocess,
-    hub_reachable,
+    hub_call,
     load_weights,
     register_encoder,
 )
@@ -23,46 +22,16 @@ from wsi_mil.features.registry import (
 RANDOM_SEED = 0
 
 
-@contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
-    """Make huggingface_hub use its local cache only (no 25 s of retries without network)."""
-    from huggingface_hub import constants
-
-    before = constants.HF_HUB_OFFLINE
-    constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        constants.HF_HUB_OFFLINE = before
+def _hub_repo(arch: str) -> str | None:
+    """The hub repository a timm name loads from (``hf-hub:org/name``, or timm's own ``timm/…``)."""
+    if arch.startswith(("hf-hub:", "hf_hub:")):
+        return arch.split(":", 1)[1]
+    return None
 
 
-def _offline_message(name: str, exc: BaseException) -> str:
-    return (
-        f"{name}: pretrained weights are not in the local cache and the model hub cannot be "
-        f"reached ({type(exc).__name__}); download them on a machine with network (and a hub "
-        "token for gated models) and pass --weights PATH (.safetensors or a state dict), "
-        "or use --weights random for tests"
-    )
-
-
-def _build_pretrained(name: str, build: Callable[[bool], Any]) -> Any:
-    """``build(pretrained=True)`` with a clear one-line error when the weights are unreachable."""
-    online = hub_reachable()
-    try:
-        if online:
-            return build(True)
-        with _hub_offline():
-            return build(True)
-    except EncoderError:
-        raise
-    except Exception as exc:  # hub, HTTP and cache errors come in many types
-        if not online:
-            raise EncoderError(_offline_message(name, exc)) from exc
-        raise EncoderError(
-            f"{name}: cannot load pretrained weights ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); a gated model needs "
-            "`huggingface-cli login`, or pass --weights PATH"
-        ) from exc
+def _build_pretrained(name: str, build: Callable[[bool], Any], repo: str | None = None) -> Any:
+    """``build(pretrained=True)`` through huggingface_hub, one clear line when the weights are unreachable."""
+    return hub_call(name, repo, lambda: build(True))
 
 
 def _seeded(build: Callable[[], Any]) -> Any:
@@ -134,17 +103,17 @@ def _timm_encoder(name: str, arch: str, weights: str | None, **kw: Any) -> Encod
     kw.setdefault("num_classes", 0)  # pooled features, no classifier
     native_mpp = kw.pop("native_mpp", None)
     if weights is None:
-        model = _build_pretrained(name, lambda p: timm.create_model(arch, pretrained=p, **kw))
+        model = _build_pretrained(name, lambda p: timm.create_model(arch, pretrained=p, **kw), _hub_repo(arch))
         wid = f"pretrained:{arch}"
     else:
+        repo = _hub_repo(arch)
         try:
-            model = _seeded(lambda: timm.create_model(arch, pretrained=False, **kw))
+            if repo:  # hf-hub names need the hub (or its cache) even for their config
+                model = _seeded(lambda: hub_call(name, repo, lambda: timm.create_model(arch, pretrained=False, **kw)))
+            else:
+                model = _seeded(lambda: timm.create_model(arch, pretrained=False, **kw))
         except RuntimeError as exc:  # timm: unknown model name
             raise EncoderError(f"{name}: timm has no model {arch!r} ({exc})") from exc
-        except Exception as exc:  # hf-hub names need the hub even for their config
-            if arch.startswith("hf-hub:"):
-                raise EncoderError(_offline_message(name, exc)) from exc
-            raise
         wid = (
             f"random:seed{RANDOM_SEED}"
             if weights == "random"
@@ -189,3 +158,6 @@ def texture(name: str, weights: str | None = None, **kw: Any) -> Encoder:
         input_size=model.input_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), native_mpp=0.5
     )
     return Encoder(name, model, model.dim, pre, "builtin:texture-v1")
+
+
+from wsi_mil.features import presets_build  # noqa: E402, F401 - registers the named presets

@@ -223,7 +223,7 @@ def read_state_dict(path: str | Path, encoder: str) -> dict[str, Any]:
 
 
 def load_weights(
-    model: nn.Module, path: str | Path, encoder: str, ignore: tuple[str, ...] = ()
+    model: nn.Module, path: str | Path, encoder: str, ignore: tuple[str, ...] = (), identify: bool = True
 ) -> str:
     """Load a local weights file into ``model``; missing keys are an error.
 
@@ -232,11 +232,13 @@ def load_weights(
     ignore : tuple of str
         Prefixes of file keys the model deliberately lacks (e.g. a truncated ResNet's
         ``layer4.``, ``fc.``).
+    identify : bool
+        Hash the file for its id (False: a hub download, named by its commit instead).
 
     Returns
     -------
     str
-        The weights id (:func:`weights_file_id`).
+        The weights id (:func:`weights_file_id`; ``""`` when ``identify`` is False).
     """
     sd = read_state_dict(path, encoder)
     sd = {k: v for k, v in sd.items() if not k.startswith(ignore)}
@@ -258,15 +260,91 @@ def load_weights(
             f"{encoder}: weights file {path} has {len(unexpected)} parameter(s) the "
             f"model lacks, e.g. {', '.join(unexpected[:3])} — wrong architecture?"
         )
-    return weights_file_id(path)
+    return weights_file_id(path) if identify else ""
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the model hub answers; checked only when pretrained weights are asked for."""
-    import socket
+def hub_probe(repo: str | None = None, timeout: float = 5.0) -> str:
+    """Why the model hub does not answer (``""`` when it does), asked through huggingface_hub.
 
+    One HEAD request through huggingface_hub's own HTTP session, the one its downloads use,
+    so ``HTTPS_PROXY``/``HTTP_PROXY``, ``HF_ENDPOINT`` and its CA settings apply. One request,
+    no retries: its downloads retry a connection error five times (about 25 s) before giving
+    up. Any HTTP answer, even 401 or 404, counts as an answer; a transport error (DNS,
+    refused, proxy refusal, timeout) does not. With ``HF_HUB_OFFLINE`` set nothing is sent.
+    """
+    import os
+
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = f"{constants.ENDPOINT}/api/models/{repo}" if repo else constants.ENDPOINT
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        get_session().head(url, timeout=timeout)
+    except Exception as exc:  # httpx transport errors (the class lives in huggingface_hub's httpx)
+        proxy = next((os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY") if os.environ.get(k)), "")
+        via = f" through proxy {proxy}" if proxy else ""
+        return f"the model hub cannot be reached{via} ({type(exc).__name__}: {first_line(str(exc)) or 'no answer'})"
+    return ""
+
+
+def hub_reachable(repo: str | None = None, timeout: float = 5.0) -> bool:
+    """Whether the model hub answers (:func:`hub_probe`); proxies and ``HF_HUB_OFFLINE`` honoured."""
+    return not hub_probe(repo, timeout)
+
+
+def hub_offline_message(name: str, why: str, repo: str | None = None) -> str:
+    """One line: the weights are not in the local cache and the hub cannot be used (``why``)."""
+    from huggingface_hub import constants
+
+    return (
+        f"{name}: pretrained weights are not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+        f"{why}; download them on a machine with network (`hf download {repo or '<repo>'}`, with a hub token for "
+        "gated models) and pass --weights PATH (.safetensors or a state dict) or copy the cache, "
+        "or use --weights random for tests"
+    )
+
+
+def hub_error_message(name: str, repo: str, exc: BaseException) -> str:
+    """One line for a hub error once the hub answered: gated, missing, or another HTTP error."""
+    from huggingface_hub import errors
+
+    text = first_line(str(exc))
+    if isinstance(exc, errors.GatedRepoError | errors.RepositoryNotFoundError) or " 401 " in f" {text} ":
+        return (
+            f"{name}: {repo} is gated or needs a token ({type(exc).__name__}); accept its conditions on "
+            "the hub, run `hf auth login` (or `huggingface-cli login`), or pass --weights PATH"
+        )
+    return f"{name}: cannot load pretrained weights from {repo} ({type(exc).__name__}: {text}); or pass --weights PATH"
+
+
+def hub_call(name: str, repo: str | None, fetch: Callable[[], Any]) -> Any:
+    """``fetch()`` (a hub download or a timm/transformers ``pretrained=True`` build), offline when it must be.
+
+    huggingface_hub decides what offline means: with ``HF_HUB_OFFLINE`` set, or when
+    :func:`hub_probe` finds the hub unreachable, ``fetch`` runs with huggingface_hub in
+    offline mode, so a cached model works without network and an uncached one fails at once
+    with one line saying what to do. Otherwise hub errors (gated, missing) become one line.
+    """
+    from huggingface_hub import constants
+
+    why = hub_probe(repo)
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = bool(why)
+    try:
+        return fetch()
+    except EncoderError:
+        raise
+    except Exception as exc:  # hub, HTTP and cache errors come in many types
+        if why:
+            raise EncoderError(hub_offline_message(name, why, repo)) from exc
+        raise EncoderError(hub_error_message(name, repo or "the hub", exc)) from exc
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def hub_download(name: str, repo: str, filename: str) -> str:
+    """Local path of ``filename`` of hub ``repo`` (the cache, else a download; :func:`hub_call`)."""
+    from huggingface_hub import hf_hub_download
+
+    return hub_call(name, repo, lambda: hf_hub_download(repo, filename))
