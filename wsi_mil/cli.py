@@ -487,6 +487,39 @@ def evaluate(
         typer.echo(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in m.items()))
 
 
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return "-" if value is None else str(value)
+
+
+@app.command(epilog="Examples: wsi-mil encoders\n\nwsi-mil encoders --json > encoders.json")
+@handles_errors
+def encoders(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the presets as JSON instead of a table.")] = False,
+) -> None:
+    """The encoder presets: width, input size, native mpp, hub repo, gated, licence (docs/encoders.md).
+
+    Use a name with `wsi-mil extract --encoder NAME`; `--weights random` builds it offline,
+    `--weights PATH` loads its published state dict (strictly).
+    """
+    import json
+
+    from wsi_mil.features.presets import preset_rows
+
+    rows = preset_rows()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    cols = ("name", "dim", "input_size", "native_mpp", "pooling", "params", "hub_repo", "gated", "licence")
+    heads = ("name", "D", "input", "mpp", "pooling", "params", "hub repo", "gated", "licence")
+    cells = [[_cell(r[c]) for c in cols] for r in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(heads)]
+    for row in (list(heads), *cells):
+        typer.echo("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    typer.echo("Also: resnet50_trunc, texture, timm:<model>, hf-hub:<org>/<model>; sources: docs/encoders.md.")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
     app(args=argv if argv is not None else sys.argv[1:], prog_name="wsi-mil")
