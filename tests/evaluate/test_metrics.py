@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,8 @@ from wsi_mil.evaluate.truth import lesion_map, patch_fractions, patch_labels
 
 DIMS = (6144, 4096)
 SIZE = 256
-SCORES = ("attention", "prob_normal", "prob_tumour")
+#: Annotation folder, patch truth per slide, the patch grid.
+Cohort = tuple[Path, dict[str, np.ndarray], np.ndarray]
 
 
 def _lesions(i: int) -> list:
@@ -33,7 +35,7 @@ def _lesions(i: int) -> list:
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray], np.ndarray]:
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Cohort:
     """Annotations of 4 positive slides (2–3 lesions each) and 4 negative ones; their patch truth."""
     root = tmp_path_factory.mktemp("eval_metrics")
     ann = root / "ann"
@@ -52,7 +54,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np
     return ann, truth, coords
 
 
-def _run(root: Path, cohort: tuple[Path, dict[str, np.ndarray], np.ndarray], score_of) -> dict:  # noqa: ANN001
+def _run(root: Path, cohort: Cohort, score_of: Callable[[int, np.ndarray], np.ndarray]) -> dict:
     ann, truth, coords = cohort
     hm = root / "hm"
     for i, (sid, y) in enumerate(truth.items()):
@@ -60,7 +62,7 @@ def _run(root: Path, cohort: tuple[Path, dict[str, np.ndarray], np.ndarray], sco
     return evaluate_run(hm, ann).summary
 
 
-def test_the_truth_itself_scores_perfectly(tmp_path: Path, cohort) -> None:  # noqa: ANN001
+def test_the_truth_itself_scores_perfectly(tmp_path: Path, cohort: Cohort) -> None:
     summary = _run(tmp_path, cohort, lambda i, y: (y == 1).astype(float))
     m = summary["prob_tumour"]
     assert m["patch_auc"] == m["patch_auc_pooled"] == m["average_precision"] == 1.0
@@ -73,19 +75,19 @@ def test_the_truth_itself_scores_perfectly(tmp_path: Path, cohort) -> None:  # n
     assert att["patch_auc_pooled"] < 1.0
 
 
-def test_an_inverted_map_scores_auc_zero(tmp_path: Path, cohort) -> None:  # noqa: ANN001
+def test_an_inverted_map_scores_auc_zero(tmp_path: Path, cohort: Cohort) -> None:
     m = _run(tmp_path, cohort, lambda i, y: (y != 1).astype(float))["prob_tumour"]
     assert m["patch_auc"] == 0.0 and m["patch_auc_pooled"] == 0.0 and m["dice"] == 0.0
 
 
-def test_a_random_map_scores_auc_near_one_half(tmp_path: Path, cohort) -> None:  # noqa: ANN001
+def test_a_random_map_scores_auc_near_one_half(tmp_path: Path, cohort: Cohort) -> None:
     rng = np.random.default_rng(0)
     m = _run(tmp_path, cohort, lambda i, y: rng.random(len(y)))["prob_tumour"]
     assert abs(m["patch_auc"] - 0.5) < 0.06 and abs(m["patch_auc_pooled"] - 0.5) < 0.04, m
     assert m["froc"] < 0.5, m
 
 
-def test_a_slide_level_signal_inflates_only_the_pooled_auc(tmp_path: Path, cohort) -> None:  # noqa: ANN001
+def test_a_slide_level_signal_inflates_only_the_pooled_auc(tmp_path: Path, cohort: Cohort) -> None:
     """Constant within each slide, higher on positive slides: no localisation at all."""
     _, truth, _ = cohort
     m = _run(tmp_path, cohort, lambda i, y: np.full(len(y), 0.8 if (y == 1).any() else 0.2))["prob_tumour"]

@@ -10,14 +10,14 @@ import pytest
 from shapely.geometry import Polygon, box
 
 from tests.evaluate.conftest import MPP, grid
-from wsi_mil.evaluate.annotations import AnnotationError, index_annotations, read_annotation
+from wsi_mil.evaluate.annotations import Annotation, AnnotationError, index_annotations, read_annotation
 from wsi_mil.evaluate.export import write_asap_xml, write_geojson_annotation, write_synthetic_annotations
 from wsi_mil.evaluate.truth import lesion_map, patch_fractions, patch_labels
 from wsi_mil.synthetic import SyntheticTruth
 
 
-def _read(path: Path | None, dims: tuple[int, int], **kw: object):  # noqa: ANN202
-    return read_annotation(path, path.stem if path else "none", MPP, dims, **kw)  # type: ignore[arg-type]
+def _read(path: Path | None, dims: tuple[int, int], classes: tuple[str, ...] = ()) -> Annotation:
+    return read_annotation(path, path.stem if path else "none", MPP, dims, classes)
 
 
 def test_generator_masks_as_geojson_xml_and_png_give_the_generators_truth(
@@ -82,14 +82,14 @@ def test_classes_choose_the_positive_annotations(tmp_path: Path) -> None:
     for name, geom in (("Tumor", box(0, 0, 100, 100)), ("Stroma", box(200, 0, 300, 100))):
         feats.append({"type": "Feature", "geometry": json.loads(json.dumps(geom.__geo_interface__)),
                       "properties": {"objectType": "annotation", "classification": {"name": name}}})  # fmt: skip
-    feats.append({"type": "Feature", "geometry": box(400, 0, 500, 100).__geo_interface__,
-                  "properties": {"objectType": "detection", "classification": {"name": "Tumor"}}})  # a cell: skipped  # fmt: skip
+    cell = {"objectType": "detection", "classification": {"name": "Tumor"}}  # a cell, not an annotation: skipped
+    feats.append({"type": "Feature", "geometry": box(400, 0, 500, 100).__geo_interface__, "properties": cell})
     path.write_text(json.dumps(feats))  # QuPath's "list of features" export
     coords = np.array([[0, 0], [200, 0], [400, 0]])
     every = _read(path, (600, 100))
     assert every.classes == ("Stroma", "Tumor")
     assert patch_fractions(every, coords, 100).tolist() == [1, 1, 0]
-    assert patch_fractions(_read(path, (600, 100), classes=["Tumor"]), coords, 100).tolist() == [1, 0, 0]
+    assert patch_fractions(_read(path, (600, 100), classes=("Tumor",)), coords, 100).tolist() == [1, 0, 0]
 
 
 def test_no_file_is_negative_and_two_files_for_one_slide_are_refused(tmp_path: Path) -> None:
