@@ -30,7 +30,9 @@ LAYOUT_KEYS = {
     "h-optimus-0": ("reg_token", "blocks.39.ls1.gamma"),
     "prov-gigapath": ("blocks.39.mlp.fc2.weight",),
     "conch-v1.5": (
-        "trunk.cls_token", "attn_pool_contrast.query", "attn_pool_contrast.to_kv.weight",
+        "trunk.cls_token",
+        "attn_pool_contrast.query",
+        "attn_pool_contrast.to_kv.weight",
         "ln_contrast.bias",
     ),
     "phikon-v2": ("model.embeddings.mask_token", "model.encoder.layer.23.layer_scale1.lambda1"),

@@ -85,9 +85,7 @@ def resnet50_trunc(name: str, weights: str | None = None, **kw: Any) -> Encoder:
     arch = "resnet50.tv_in1k"
     pre = Preprocess(224, IMAGENET_MEAN, IMAGENET_STD, native_mpp=None)
     if weights is None:
-        model = _resnet_trunc_module(
-            _build_pretrained(name, lambda p: timm.create_model(arch, pretrained=p, **kw))
-        )
+        model = _resnet_trunc_module(_build_pretrained(name, lambda p: timm.create_model(arch, pretrained=p, **kw)))
         return Encoder(name, model, 1024, pre, f"pretrained:timm/{arch}")
     model = _resnet_trunc_module(_seeded(lambda: timm.create_model(arch, pretrained=False, **kw)))
     if weights == "random":
@@ -114,11 +112,7 @@ def _timm_encoder(name: str, arch: str, weights: str | None, **kw: Any) -> Encod
                 model = _seeded(lambda: timm.create_model(arch, pretrained=False, **kw))
         except RuntimeError as exc:  # timm: unknown model name
             raise EncoderError(f"{name}: timm has no model {arch!r} ({exc})") from exc
-        wid = (
-            f"random:seed{RANDOM_SEED}"
-            if weights == "random"
-            else load_weights(model, weights, name)
-        )
+        wid = f"random:seed{RANDOM_SEED}" if weights == "random" else load_weights(model, weights, name)
     dim = int(getattr(model, "num_features", 0) or getattr(model, "embed_dim", 0))
     return Encoder(name, model, dim, _timm_preprocess(model, native_mpp), wid)
 
@@ -154,9 +148,7 @@ def texture(name: str, weights: str | None = None, **kw: Any) -> Encoder:
     if weights not in (None, "random"):
         raise EncoderError(f"{name}: has no trainable weights; drop --weights")
     model = TextureStats(**kw)
-    pre = Preprocess(
-        input_size=model.input_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), native_mpp=0.5
-    )
+    pre = Preprocess(input_size=model.input_size, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), native_mpp=0.5)
     return Encoder(name, model, model.dim, pre, "builtin:texture-v1")
 
 

@@ -90,9 +90,7 @@ _NAMES: dict[str, Factory] = {}
 _PREFIXES: dict[str, tuple[Factory, str]] = {}
 
 
-def register_encoder(
-    name: str, factory: Factory | None = None, *, prefix: bool = False, pattern: str = ""
-) -> Any:
+def register_encoder(name: str, factory: Factory | None = None, *, prefix: bool = False, pattern: str = "") -> Any:
     """Register an encoder factory under ``name`` (usable as a decorator).
 
     Parameters
@@ -247,8 +245,7 @@ def load_weights(
     except (RuntimeError, TypeError, AttributeError, ValueError) as exc:  # shapes, non-tensor values
         first = str(exc).splitlines()[1:2] or [str(exc)]
         raise EncoderError(
-            f"{encoder}: weights in {path} do not fit the model ({first[0].strip()}); "
-            "wrong architecture?"
+            f"{encoder}: weights in {path} do not fit the model ({first[0].strip()}); wrong architecture?"
         ) from exc
     if missing:
         raise EncoderError(
