@@ -469,6 +469,9 @@ def evaluate(
         float | None, typer.Option(help="Dice threshold (probabilities; attention / its slide's max). Default 0.5.")
     ] = None,
     mask_mpp: Annotated[float | None, typer.Option("--mask-mpp", help="µm/px of mask images.")] = None,
+    slides: Annotated[
+        str | None, typer.Option(help="Comma-separated slide ids (default: every heatmap file).")
+    ] = None,
     config: Annotated[
         str | None,
         typer.Option("--config", help="Evaluate YAML file or preset (configs/evaluate/); flags override it."),
@@ -480,7 +483,8 @@ def evaluate(
 
     overrides = {"classes": tuple(classes) if classes else None, "threshold": threshold, "mask_mpp": mask_mpp}
     cfg = load_evaluate_config(config, overrides)
-    ev = run_evaluate(heatmaps, annotations, out, cfg, echo=typer.echo)
+    ids = [s.strip() for s in slides.split(",") if s.strip()] if slides else None
+    ev = run_evaluate(heatmaps, annotations, out, cfg, echo=typer.echo, slide_ids=ids)
     n_pos = sum(s.positive for s in ev.slides)
     typer.echo(f"{len(ev.slides)} slides ({n_pos} positive) → {out}")
     for name, m in ev.summary.items():
