@@ -96,3 +96,23 @@ def test_a_class_found_in_no_file_is_refused_naming_the_classes(inputs: tuple[Pa
     assert result.exit_code == 1
     assert "no annotation of class 'Tumor'" in result.output and "classes found: _0" in result.output
     assert not (tmp_path / "eval").exists()
+
+
+def test_slides_choose_and_the_runs_tables_mark_in_sample_slides(inputs: tuple[Path, Path], tmp_path: Path) -> None:
+    hm, ann = inputs
+    pd.DataFrame({"slide_id": ["a", "b", "c"], "trained_on": [True, False, False]}).to_csv(
+        tmp_path / "index.csv", index=False
+    )
+    run = tmp_path / "heatmaps" / "r"
+    run.mkdir(parents=True)
+    for p in hm.glob("*.h5"):
+        (run / p.name).symlink_to(p)
+    (run / "index.csv").write_bytes((tmp_path / "index.csv").read_bytes())
+    out = tmp_path / "eval"
+    result = runner.invoke(app, _args(run, ann, out, "--slides", "a,c"))
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(out / "per_slide.csv")
+    assert table["slide_id"].tolist() == ["a", "c"] and table["trained_on"].tolist() == [True, False]
+    assert "1 of 2 slides were in the run's training splits" in result.output
+    result = runner.invoke(app, _args(run, ann, out, "--slides", "a,zz"))
+    assert result.exit_code == 1 and "no heatmap file for slide(s) zz" in result.output

@@ -56,6 +56,7 @@ def per_slide_table(ev: Evaluation) -> Any:
         row: dict[str, Any] = {
             "slide_id": s.slide_id,
             "annotation": s.annotation,
+            "trained_on": s.trained_on,
             "positive": s.positive,
             "n_patches": s.n_patches,
             "n_pos": int((s.labels == 1).sum()),

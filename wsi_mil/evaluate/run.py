@@ -92,6 +92,7 @@ class SlideResult:
     n_itc: int
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (N,) in [0, 1]
     detections: dict[str, SlideDetections] = field(default_factory=dict)
+    trained_on: bool | None = None  # in the run's training splits (from the run's tables), None = unknown
 
     @property
     def positive(self) -> bool:
@@ -126,15 +127,41 @@ def score_values(data: HeatmapData) -> dict[str, np.ndarray]:
     return out
 
 
-def list_heatmaps(folder: str | os.PathLike[str]) -> list[Path]:
-    """The ``<id>.h5`` heatmap files of a run's folder, sorted."""
+def list_heatmaps(folder: str | os.PathLike[str], slide_ids: Sequence[str] | None = None) -> list[Path]:
+    """The ``<id>.h5`` heatmap files of a run's folder, sorted; only ``slide_ids`` when given."""
     folder = Path(folder)
     if not folder.is_dir():
         raise WsiMilError(f"{folder}: no such heatmap folder (expected OUT/heatmaps/<run>)")
     files = sorted(p for p in folder.glob("*.h5") if not p.name.startswith("."))
+    if slide_ids is not None:
+        have = {p.stem: p for p in files}
+        missing = [s for s in slide_ids if s not in have]
+        if missing:
+            raise WsiMilError(f"{folder}: no heatmap file for slide(s) {', '.join(missing)}")
+        files = [have[s] for s in dict.fromkeys(slide_ids)]
     if not files:
         raise WsiMilError(f"{folder}: no heatmap files (<slide_id>.h5); run wsi-mil heatmap or predict first")
     return files
+
+
+def trained_on(heatmaps: str | os.PathLike[str]) -> dict[str, bool]:
+    """Which slides were in the run's training splits, as its tables say (``trained_on`` of
+    ``OUT/heatmaps/<run>/index.csv`` and ``OUT/predictions.csv``); unreadable tables say nothing."""
+    import pandas as pd
+
+    from wsi_mil.io.layout import Layout
+
+    heatmaps = Path(heatmaps)
+    known: dict[str, bool] = {}
+    for table in (Layout(heatmaps.parent.parent).predictions, heatmaps / "index.csv"):
+        try:
+            df = pd.read_csv(table, usecols=["slide_id", "trained_on"], dtype={"slide_id": str})
+        except (OSError, ValueError):
+            continue
+        known.update(
+            {str(s): str(t).strip().lower() == "true" for s, t in zip(df["slide_id"], df["trained_on"], strict=True)}
+        )
+    return known
 
 
 def evaluate_slide(
@@ -189,6 +216,7 @@ def evaluate_run(
     annotations: str | os.PathLike[str],
     config: EvaluateConfig | None = None,
     echo: Callable[[str], None] | None = None,
+    slide_ids: Sequence[str] | None = None,
 ) -> Evaluation:
     """Score every heatmap file of a run against the annotation folder (nothing is written).
 
@@ -202,7 +230,9 @@ def evaluate_run(
     config : EvaluateConfig, optional
         Settings (default: ``configs/evaluate/default.yaml``).
     echo : callable, optional
-        Where notes go (annotation files of no heatmapped slide).
+        Where notes go (annotation files of no heatmapped slide, slides the run trained on).
+    slide_ids : sequence of str, optional
+        Only these slides (default: every heatmap file).
 
     Raises
     ------
@@ -220,7 +250,8 @@ def evaluate_run(
 
     cfg = config or load_evaluate_config()
     heatmaps, annotations = Path(heatmaps), Path(annotations)
-    files = list_heatmaps(heatmaps)
+    files = list_heatmaps(heatmaps, slide_ids)
+    seen = trained_on(heatmaps)
     index = index_annotations(annotations)
     slides: list[SlideResult] = []
     names: list[str] | None = None
@@ -240,6 +271,7 @@ def evaluate_run(
         elif list(result.scores) != names:
             raise WsiMilError(f"{path}: scores {list(result.scores)} differ from the other slides' {names}; "
                               "evaluate one run's heatmaps at a time")  # fmt: skip
+        result.trained_on = seen.get(sid)
         slides.append(result)
     vector = [
         p for s, p in index.items() if p.suffix.lower() in (".geojson", ".xml") and any(r.slide_id == s for r in slides)
@@ -251,6 +283,10 @@ def evaluate_run(
     unused = sorted(set(index) - {s.slide_id for s in slides})
     if unused and echo is not None:
         echo(f"note: {len(unused)} annotation file(s) have no heatmap in {heatmaps} (first: {index[unused[0]].name})")
+    in_sample = [s.slide_id for s in slides if s.trained_on]
+    if in_sample and echo is not None:
+        echo(f"note: {len(in_sample)} of {len(slides)} slides were in the run's training splits (in-sample; "
+             f"first: {in_sample[0]}); --slides chooses the held-out ones")  # fmt: skip
     assert names is not None  # list_heatmaps returned at least one file
     return Evaluation(slides, names, summarise(slides, names, cfg.threshold), cfg, heatmaps, annotations)
 
@@ -261,6 +297,7 @@ def evaluate(
     out: str | os.PathLike[str],
     config: EvaluateConfig | None = None,
     echo: Callable[[str], None] | None = None,
+    slide_ids: Sequence[str] | None = None,
 ) -> Evaluation:
     """:func:`evaluate_run`, then write ``EVAL/summary.json``, ``per_slide.csv``, ``roc.png``, ``froc.png``.
 
@@ -268,6 +305,6 @@ def evaluate(
     """
     from wsi_mil.evaluate.report import write_report
 
-    ev = evaluate_run(heatmaps, annotations, config, echo)
+    ev = evaluate_run(heatmaps, annotations, config, echo, slide_ids)
     write_report(out, ev)
     return ev
