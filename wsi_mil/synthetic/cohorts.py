@@ -228,9 +228,11 @@ def write_hard_cohort(
     jobs, rows = [], []
     for i in range(n_slides):
         tumour = i % 2 == 1
+        share = float(rng.uniform(*share_range))
+        foci = 1 if share < 0.015 else int(rng.integers(1, 3))  # small tumours stay one lesion
         spec = HardSpec(
             width=width, height=height, tumour=tumour, seed=seed * 10_000 + i,
-            tumour_share=float(rng.uniform(*share_range)), tumour_foci=int(rng.integers(1, 3)),
+            tumour_share=share, tumour_foci=foci,
             lymphoid=int(rng.integers(lymphoid_range[0], lymphoid_range[1] + 1)),
             n_tissue=int(rng.integers(2, 4)), plain_background=True,
         )
