@@ -10,7 +10,7 @@ import pytest
 from shapely.geometry import Polygon, box
 
 from tests.evaluate.conftest import MPP, grid
-from wsi_mil.evaluate.annotations import Annotation, AnnotationError, index_annotations, read_annotation
+from wsi_mil.evaluate.annotations import Annotation, AnnotationError, index_annotations, read_annotation, read_mask
 from wsi_mil.evaluate.export import write_asap_xml, write_geojson_annotation, write_synthetic_annotations
 from wsi_mil.evaluate.truth import lesion_map, patch_fractions, patch_labels
 from wsi_mil.synthetic import SyntheticTruth
@@ -122,3 +122,22 @@ def test_a_malformed_file_is_one_line_naming_it(tmp_path: Path, name: str) -> No
     with pytest.raises(AnnotationError) as info:
         _read(path, (100, 100))
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_pyramidal_tiff_mask_is_read_at_a_level_fine_enough(tmp_path: Path) -> None:
+    import tifffile
+
+    m = np.zeros((64, 96), np.uint8)  # 32 level-0 px per mask pixel at full resolution
+    m[8:24, 16:48] = 255
+    path = tmp_path / "s.tif"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(m, subifds=1)
+        tw.write(m[::2, ::2], subfiletype=1)
+    dims = (96 * 32, 64 * 32)
+    coarse = read_annotation(path, "s", MPP, dims, mask_mpp=16.0)  # 16 µm/px = 32 level-0 px
+    assert coarse.mask is not None and coarse.mask.shape == (64, 96) and coarse.downsample == 32
+    box_ = np.array([[16 * 32, 8 * 32], [0, 0]])
+    np.testing.assert_allclose(patch_fractions(coarse, box_, 16 * 32), [1, 0])
+    half = read_mask(path, MPP, dims, mask_mpp=16.0, fine=64)
+    assert half.mask is not None and half.mask.shape == (32, 48) and half.downsample == 64
+    np.testing.assert_allclose(patch_fractions(half, box_, 16 * 32), [1, 0])

@@ -129,9 +129,13 @@ class LesionMap:
         pts = np.asarray(points, np.float64).reshape(-1, 2)
         if not pts.size or not self.labels.size:
             return np.zeros(len(pts), np.int32)
-        ix = np.clip(np.floor(pts[:, 0] / self.unit).astype(np.intp), 0, self.labels.shape[1] - 1)
-        iy = np.clip(np.floor(pts[:, 1] / self.unit).astype(np.intp), 0, self.labels.shape[0] - 1)
-        return self.labels[iy, ix]
+        ix = np.floor(pts[:, 0] / self.unit).astype(np.intp)
+        iy = np.floor(pts[:, 1] / self.unit).astype(np.intp)
+        h, w = self.labels.shape
+        inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)  # off the map: in no lesion
+        out = np.zeros(len(pts), np.int32)
+        out[inside] = self.labels[iy[inside], ix[inside]]
+        return out
 
 
 def _rasterise(annotation: Annotation, width: int, height: int, mpp: float) -> tuple[np.ndarray, float]:
