@@ -81,6 +81,16 @@ def test_virchow_pools_class_token_and_patch_mean_without_registers() -> None:
     torch.testing.assert_close(out, torch.cat([tokens[:, 0], tokens[:, 5:].mean(1)], dim=-1))
 
 
+def test_preset_runs_in_the_extraction_runner() -> None:
+    from wsi_mil.features.runtime import Runner
+
+    enc = create_encoder("conch-v1.5", weights="random", depth=1)
+    patches = torch.randint(0, 256, (2, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    feats = Runner(enc, "cpu")(patches)  # resized to 448, CONCH's mean/std, pooled to 768
+    assert feats.shape == (2, 768) and feats.dtype == "float32"
+    assert abs(float(feats[0].std()) - 1) < 0.2  # ln_contrast's output: unit variance per row
+
+
 def _published_file(name: str, tmp: Path, **kw: object) -> tuple[Path, torch.nn.Module]:
     """A random model of ``name`` saved in the published key layout of its hub file."""
     torch.manual_seed(5)
