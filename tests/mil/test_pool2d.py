@@ -91,3 +91,28 @@ def test_bad_shapes_are_refused() -> None:
         pool(torch.randn(2, 5, 3, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="n_classes"):
         LossAttentionPool2d(4, 1)
+
+
+@pytest.mark.slow
+def test_cnn_pooling_demo_quick(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pipelines/cnn_pooling.py --quick`` runs end to end and writes its JSON and montage."""
+    import json
+    from pathlib import Path
+
+    import cv2
+
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.syspath_prepend(str(root))
+    from pipelines.cnn_pooling import main
+
+    res = main(["--quick", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "out"), "--threads", "1"])
+    saved = json.loads((tmp_path / "out" / "cnn_pooling.json").read_text())
+    assert saved["patches"]["n_test"] == res["patches"]["n_test"] > 0
+    for pooling in ("average", "loss_attention"):
+        assert 0.0 <= saved["patches"][pooling]["accuracy"] <= 1.0
+        assert 0.0 <= saved["patches"][pooling]["auc"] <= 1.0
+    assert 0.0 <= saved["patches"]["loss_attention"]["attention_mask_auc"] <= 1.0
+    assert 0.0 <= saved["mil"]["bag_auc"] <= 1.0 and saved["mil"]["n_test_bags"] >= 20
+    png = cv2.imread(str(tmp_path / "out" / "montage.png"))
+    n = min(saved["patches"]["n_mixed_test_patches"], 6)
+    assert png.shape[:2] == (2 * 64 * 5, 2 * 64 * n)  # patch, mask, cam, attention, position prob
