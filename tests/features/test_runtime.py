@@ -167,3 +167,14 @@ def test_feature_agreement_passes_same_rows_and_fails_shuffled() -> None:
     assert same["max_rel_l2"] < 1e-2 and same["own_row_share"] == 1.0
     shuffled = feature_agreement(plain, folded[np.roll(np.arange(len(x)), 1)])
     assert shuffled["own_row_share"] == 0.0 and shuffled["max_rel_l2"] > 1e-2
+
+
+def test_predict_refuses_gpu_precision_bags_on_cpu(tmp_path: Path) -> None:
+    from wsi_mil.io.run_folder import ModelSettings
+    from wsi_mil.predict.cohort import check_precision
+
+    settings = ModelSettings(tmp_path / "models" / "r1", "uni", None, "hub:uni", tmp_path / "pipeline.yaml")
+    assert check_precision("cpu", "fp32", settings) == "fp32"
+    with pytest.raises(ConfigError, match=r"r1 was trained on bf16 bags, which this machine cannot make") as err:
+        check_precision("cpu", "bf16", settings)
+    assert "\n" not in str(err.value) and str(settings.path) in str(err.value)

@@ -430,4 +430,5 @@ def _stored_row(path: Path, sid: str) -> dict[str, Any] | None:
     except (TypeError, ValueError):  # an edited attribute: no stored row to report
         return None
     row["n_patches"] = n
+    row["precision"] = str(plain(a.get("precision", "")))
     return row

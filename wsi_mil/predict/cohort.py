@@ -84,6 +84,25 @@ def _check_score(options: Any, run_dir: Path) -> None:
         raise type(exc)(f"{run_dir}: {exc}") from exc
 
 
+def check_precision(device: str, precision: str, settings: Any) -> str:
+    """The precision new bags are made in: the training bags' own, refused where it cannot run.
+
+    A run trained on bf16/fp16 bags (a GPU) cannot be matched by a CPU, where extraction is
+    exact fp32; its features differ, so predicting there is refused before any slide is tiled.
+    """
+    from wsi_mil.errors import ConfigError
+    from wsi_mil.features.runtime import resolve_device, resolve_precision
+
+    dev = resolve_device(device)  # an unusable device is its own one-line error
+    try:
+        return resolve_precision(precision, dev)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{settings.path}: {settings.run} was trained on {precision} bags, which this machine cannot "
+            f"make ({exc}); predict where a GPU is (device cuda), or retrain on fp32 bags"
+        ) from exc
+
+
 def _write_case_predictions(
     rows: list[dict[str, Any]], cases: Mapping[str, str], run_dir: Path, path: Path
 ) -> Path:
@@ -196,7 +215,8 @@ def predict_cohort(
     if bad:
         raise WsiMilError(f"{settings.path}: {', '.join(bad)} come from the model and cannot be changed at predict")
     # The extraction flags are checked now, not after every slide has been tiled.
-    load_config(ExtractConfig, "extract", settings.path, dict(extract_overrides or {}))
+    ext_cfg = load_config(ExtractConfig, "extract", settings.path, dict(extract_overrides or {}))
+    check_precision(ext_cfg.device, ext_cfg.precision, settings)
     inputs = collect_slides(list(slides))
     if not inputs:
         raise WsiMilError(f"no slides found in {', '.join(map(str, slides))}")

@@ -63,7 +63,7 @@ def predict_slide(
     -------
     dict
         ``slide_id``, ``prediction``, ``prob_<class>`` per class, ``n_patches``,
-        ``slide_path``: one row of the predictions CSV.
+        ``precision`` (of the bag's features), ``slide_path``: one row of the predictions CSV.
 
     Raises
     ------
@@ -122,7 +122,8 @@ def predict_slide(
     row: dict[str, Any] = {"slide_id": slide_id, "prediction": classes[int(np.argmax(probs))]}
     row.update({f"prob_{c}": float(p) for c, p in zip(classes, probs, strict=True)})
     src = slide_path or bag.attrs.get("slide_path") or None
-    row.update(n_patches=len(bag.features), slide_path=str(src or ""))
+    # bf16, fp16 and fp32 bags differ: the row and the heatmap file say which this one was.
+    row.update(n_patches=len(bag.features), precision=str(bag.attrs.get("precision", "")), slide_path=str(src or ""))
     row[SLIDE_FINGERPRINT] = str(bag.attrs.get(SLIDE_FINGERPRINT, ""))
     if isinstance(heatmap_options, Mapping):
         heatmap_options = resolve_heatmap_options(None, heatmap_options)
@@ -143,6 +144,7 @@ def predict_slide(
             "model_run": settings.run,
             "encoder": settings.encoder,
             "prediction": row["prediction"],
+            "precision": row["precision"],
             **{k: v for k, v in row.items() if k.startswith("prob_")},
         },
     )
