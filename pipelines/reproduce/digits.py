@@ -43,12 +43,12 @@ def _prf(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
 def digits_experiment(out: Path, quick: bool = False) -> str:
     """Train loss-attention (λ sweep), attention and gated attention MIL on digit bags."""
     import torch
-    from _lockstep import train_lockstep
     from sklearn.datasets import load_digits
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import train_test_split
 
     from wsi_mil.mil import create_model
+    from wsi_mil.mil.lockstep import train_lockstep
 
     torch.set_num_threads(1)
     path = out / "digits.json"

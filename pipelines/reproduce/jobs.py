@@ -1,10 +1,4 @@
-"""Reproduce Shi et al. (AAAI 2020) on MUSK1, MUSK2, ELEPHANT and digit bags.
-
-Usage::
-
-    .venv/bin/python pipelines/reproduce_paper.py            # full run (hours on 2 cores)
-    .venv/bin/python pipelines/reproduce_paper.py --quick    # smoke test, < 1 minute
-    .venv/bin/python pipelines/reproduce_paper.py --report   # rebuild docs from saved runs
+"""The benchmark jobs: MUSK1, MUSK2 and ELEPHANT under each protocol, trained in lockstep.
 
 Every training job saves its per-epoch probabilities under ``--results``: the first run
 of a job writes ``<dataset>_<arch>_<protocol>.npz``; asking for more repeats later
@@ -33,21 +27,16 @@ Protocols (docs/reproduction.md explains them):
 
 from __future__ import annotations
 
-import argparse
 import json
-import multiprocessing
 import os
-import sys
-import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pipelines.reproduce.report import saved_repeats
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DATASETS = ("musk1", "musk2", "elephant")
 ARCHS = ("loss_attention", "attention", "gated_attention")
 
@@ -122,9 +111,9 @@ def benchmark_job(
     does not depend on which repeats share a run; bag order and dropout do.
     """
     import torch
-    from _lockstep import train_lockstep
-    from _repro_report import saved_repeats
     from sklearn.model_selection import StratifiedKFold
+
+    from wsi_mil.mil.lockstep import train_lockstep
 
     torch.set_num_threads(s.threads)
     stem = f"{dataset}_{arch}_{protocol}"
@@ -198,7 +187,7 @@ def _gpu_name(device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device))
 
 
-def _jobs(quick: bool, repeats: int, honest_repeats: int) -> list[tuple[str, str, str, int]]:
+def default_jobs(quick: bool, repeats: int, honest_repeats: int) -> list[tuple[str, str, str, int]]:
     """Jobs in priority order: what the issue's targets need first, then the rest."""
     if quick:
         return [("musk1", a, p, 1) for a in ("loss_attention", "attention") for p in ("published", "honest")]
@@ -209,62 +198,3 @@ def _jobs(quick: bool, repeats: int, honest_repeats: int) -> list[tuple[str, str
     for d in DATASETS:
         jobs += [(d, "gated_attention", p, 1) for p in ("published", "honest")]
     return jobs
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Run the benchmark and digit-bag jobs, then write docs/reproduction.md."""
-    from _digits import digits_experiment
-    from _repro_report import write_report
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="tiny smoke run (seconds)")
-    ap.add_argument("--report", action="store_true", help="only rebuild the report")
-    ap.add_argument("--workers", type=int, default=2, help="parallel processes (1 thread each)")
-    ap.add_argument("--device", default="cpu", help="where jobs train: cpu or cuda[:N]")
-    ap.add_argument("--results", type=Path, default=None, help="where job files go")
-    ap.add_argument("--docs", type=Path, default=None, help="where the report goes")
-    ap.add_argument("--only", choices=("benchmarks", "digits"), default=None)
-    ap.add_argument("--repeats", type=int, default=5, help="repeats of 10-fold CV, as published")
-    ap.add_argument("--honest-repeats", type=int, default=1, help="repeats, honest protocol")
-    ap.add_argument(
-        "--jobs",
-        default=None,
-        help="explicit jobs 'dataset:arch:protocol:repeats,...' (protocol: published, "
-        "published_z, honest; repeats N: repeats 0..N-1, only those not saved yet are "
-        "trained); default: all, in priority order",
-    )
-    args = ap.parse_args(argv)
-    quick = args.quick
-    results = args.results or ROOT / "pipelines" / "results" / ("quick" if quick else "full")
-    docs = args.docs or (results if quick else ROOT / "docs")
-    results.mkdir(parents=True, exist_ok=True)
-    s = Settings(epochs=3, folds=3, inner_folds=2) if quick else Settings()
-    if args.device != "cpu" and not args.report:
-        import torch
-
-        try:
-            ok = torch.device(args.device).type == "cuda" and torch.cuda.is_available()
-        except RuntimeError as e:
-            raise SystemExit(f"--device {args.device}: {e}") from e
-        if not ok:
-            raise SystemExit(f"--device {args.device}: no CUDA device here; use cpu")
-    t0 = time.time()
-    if not args.report:
-        # CUDA cannot be used in a forked child once initialised: spawn workers for a GPU.
-        ctx = multiprocessing.get_context("spawn" if args.device != "cpu" else None)
-        with ProcessPoolExecutor(max_workers=args.workers, mp_context=ctx) as pool:
-            jobs = [] if args.only == "digits" else _jobs(quick, args.repeats, args.honest_repeats)
-            if args.jobs:
-                jobs = [(d, a, p, int(r)) for d, a, p, r in (j.split(":") for j in args.jobs.split(","))]
-            futs = [pool.submit(benchmark_job, d, a, p, r, s, results, args.device) for d, a, p, r in jobs[:1]]
-            if args.only != "benchmarks":  # second in the queue: one worker takes it early
-                futs.append(pool.submit(digits_experiment, results, quick))
-            futs += [pool.submit(benchmark_job, d, a, p, r, s, results, args.device) for d, a, p, r in jobs[1:]]
-            for f in futs:
-                print(f.result(), flush=True)
-    write_report(results, docs, quick=quick)
-    print(f"done in {time.time() - t0:.0f} s; report in {docs}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,21 +1,14 @@
-"""The reproduction's lockstep engine trains each stacked copy exactly as if alone."""
+"""The lockstep engine (wsi_mil.mil.lockstep) trains each stacked copy exactly as if alone."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from wsi_mil.mil import create_model
-
-PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
-
-
-@pytest.fixture(autouse=True)
-def _pipelines_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(PIPELINES))
+from wsi_mil.mil.lockstep import train_lockstep
+from wsi_mil.mil.protocol import total_loss
 
 
 def _make(m: int) -> torch.nn.Module:
@@ -24,8 +17,6 @@ def _make(m: int) -> torch.nn.Module:
 
 
 def test_lockstep_equals_separate_training() -> None:
-    from _lockstep import train_lockstep
-
     rng = np.random.default_rng(0)
     bags = [rng.normal(size=(int(rng.integers(1, 30)), 5)).astype(np.float32) for _ in range(12)]
     y = np.array([i % 2 for i in range(12)])
@@ -54,7 +45,7 @@ def test_lockstep_equals_separate_training() -> None:
                 X = torch.from_numpy(bags[b])[None]
                 _, t = model.compute_loss(torch.tensor([y[b]]), X)
                 opt.zero_grad()
-                (t["bag"] + t["instance"] + t["consistency"]).backward()
+                total_loss(t).backward()
                 opt.step()
         model.eval()
         want = [model.predict(torch.from_numpy(bags[b])[None]).bag_probs[0].detach().numpy() for b in eval_sets[m]]
@@ -68,8 +59,6 @@ def test_lockstep_equals_separate_training() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_lockstep_on_gpu_equals_cpu() -> None:
-    from _lockstep import train_lockstep
-
     rng = np.random.default_rng(1)
     bags = [rng.normal(size=(int(rng.integers(1, 40)), 5)).astype(np.float32) for _ in range(16)]
     y = np.array([i % 2 for i in range(16)])

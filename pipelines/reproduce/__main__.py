@@ -1,0 +1,5 @@
+"""``python -m pipelines.reproduce``: see :mod:`pipelines.reproduce.cli`."""
+
+from pipelines.reproduce.cli import main
+
+main()
