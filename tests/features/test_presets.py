@@ -132,6 +132,10 @@ def test_published_layout_loads_strictly(
     x = torch.rand(2, 3, 112, 112)  # any multiple of the patch: the ViTs resample their position embeddings
     with torch.inference_mode():
         torch.testing.assert_close(got.model(x), src(x), rtol=0, atol=0)
+    if name == "phikon-v2":  # a downloaded model folder works too
+        folder = create_encoder(name, weights=str(path.parent), **SMALL[name])
+        with torch.inference_mode():
+            torch.testing.assert_close(folder.model(x), src(x), rtol=0, atol=0)
     if name == "conch-v1.5":
         return  # its trunk is the timm layout tested with uni
 

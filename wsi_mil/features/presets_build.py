@@ -161,12 +161,14 @@ def _build_hf(preset: EncoderPreset, kw: dict[str, Any]) -> tuple[Any, Any]:
     return model_cls, config
 
 
-def _load_hf_file(preset: EncoderPreset, model_cls: Any, config: Any, path: str) -> nn.Module:
-    """``from_pretrained`` on a folder with the preset's config and the file; strict."""
+def _load_hf_file(preset: EncoderPreset, model_cls: Any, config: Any, path: str) -> tuple[nn.Module, Path]:
+    """``from_pretrained`` on a folder with the preset's config and the file; strict. Returns the file too."""
     import os
     import tempfile
 
     p = Path(path)
+    if p.is_dir() and (p / preset.weights_file).is_file():  # a downloaded model folder
+        p = p / preset.weights_file
     if not p.is_file():
         raise EncoderError(f"{preset.name}: weights file {p} does not exist (or --weights random)")
     name = "model.safetensors" if p.suffix == ".safetensors" else "pytorch_model.bin"
@@ -189,7 +191,7 @@ def _load_hf_file(preset: EncoderPreset, model_cls: Any, config: Any, path: str)
                 f"{preset.name}: weights file {p} {what} {len(keys)} parameter(s), e.g. {', '.join(keys[:3])} "
                 f"— not {preset.hub_repo}'s published layout ({preset.arch})"
             )
-    return model
+    return model, p
 
 
 def build_preset(preset: EncoderPreset, name: str, weights: str | None = None, **kw: Any) -> Encoder:
@@ -222,8 +224,8 @@ def build_preset(preset: EncoderPreset, name: str, weights: str | None = None, *
         if weights == "random":
             model = _seeded(lambda: model_cls(config))
         else:
-            model = _load_hf_file(preset, model_cls, config, path)
-            wid = weights_file_id(path) if weights else _pretrained_id(preset, path)
+            model, file = _load_hf_file(preset, model_cls, config, path)
+            wid = weights_file_id(file) if weights else _pretrained_id(preset, path)
         module: nn.Module = HFPooled(model)
     else:
         module = _seeded(lambda: _build_timm(preset, kw))
