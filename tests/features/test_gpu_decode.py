@@ -251,6 +251,8 @@ def test_gpu_benchmark_quick_runs_on_cpu(tmp_path: Path) -> None:
             sys.executable,
             str(ROOT / "pipelines/benchmarks/gpu.py"),
             "--quick",
+            "--budget-s",
+            "300",  # every step runs, however loaded the machine
             "--json",
             str(out),
             "--cache",
