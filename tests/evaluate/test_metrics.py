@@ -106,10 +106,9 @@ def test_froc_on_a_configuration_checked_by_hand() -> None:
     (1, 1/3), (1, 2/3), (1, 1), (1.5, 1). Sensitivity at 1/4, 1/2, 1, 2, 4, 8 FPs:
     1/3, 1/3, 1, 1, 1, 1 → FROC = (2/3 + 4) / 6 = 7/9.
     """
-    dims = (8000, 4000)
     a = Annotation("A", geometry=box(0, 0, 1000, 1000).union(box(4000, 0, 5000, 1000)))
     b = Annotation("B", geometry=box(0, 0, 1000, 1000).union(box(5000, 3000, 5200, 3200)))  # ITC: 100 µm
-    la, lb = lesion_map(a, *dims, MPP), lesion_map(b, *dims, MPP)
+    la, lb = lesion_map(a, MPP), lesion_map(b, MPP)
     assert len(la.lesions) == 2 and len(lb.lesions) == 1 and len(lb.itc) == 1
     det_a = score_detections(np.array([[500, 500], [900, 100], [2500, 2500], [4500, 500]]),
                              np.array([0.9, 0.6, 0.8, 0.3]), la)  # fmt: skip

@@ -72,7 +72,7 @@ def test_camelyon16_exclusion_group_cuts_the_tumour_and_equals_a_geojson_hole(tm
     in_ring = (coords[:, 0] < 2000) & (coords[:, 1] < 2000) & ~in_hole
     assert (fx[in_hole] == 0).all() and (fx[in_ring] == 1).all() and (fx[~in_ring & ~in_hole] == 0).all()
     # The lesion is the grown outline with its hole filled (CAMELYON16): one lesion, no ITC.
-    lm = lesion_map(_read(xml, dims), *dims, MPP)
+    lm = lesion_map(_read(xml, dims), MPP)
     assert lm.lesions == [1] and lm.lookup(np.array([[1000.0, 1000.0], [3500.0, 3500.0]])).tolist() == [1, 0]
 
 

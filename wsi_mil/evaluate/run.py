@@ -180,7 +180,7 @@ def evaluate_slide(
         ) from exc
     ann = read_annotation(annotation_path, slide_id, mpp, (width, height), cfg.classes, cfg.mask_mpp)
     labels = patch_labels(patch_fractions(ann, data.coords, size), cfg.positive_share)
-    lesions = lesion_map(ann, width, height, mpp)
+    lesions = lesion_map(ann, mpp)
     result = SlideResult(
         slide_id, annotation_path.name if annotation_path else "", len(labels), labels,
         len(lesions.lesions), len(lesions.itc),

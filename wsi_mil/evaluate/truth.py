@@ -103,7 +103,7 @@ def _mask_fractions(mask: np.ndarray, downsample: float, coords: np.ndarray, siz
 
 @dataclass
 class LesionMap:
-    """Lesions of one slide on a raster, with the isolated-tumour-cell ones marked.
+    """Lesions of one slide on a raster window, with the isolated-tumour-cell ones marked.
 
     Attributes
     ----------
@@ -113,11 +113,14 @@ class LesionMap:
         Level-0 pixels per raster pixel.
     itc : frozenset of int
         Labels of lesions too small to count (major axis < 275 µm after growing).
+    origin : (float, float)
+        Level-0 (x, y) of the raster's top-left corner (the window around the annotation).
     """
 
     labels: np.ndarray
     unit: float
     itc: frozenset[int]
+    origin: tuple[float, float] = (0.0, 0.0)
 
     @property
     def lesions(self) -> list[int]:
@@ -127,57 +130,70 @@ class LesionMap:
     def lookup(self, points: np.ndarray) -> np.ndarray:
         """Lesion label under each level-0 (x, y) point (0 outside every lesion)."""
         pts = np.asarray(points, np.float64).reshape(-1, 2)
+        out = np.zeros(len(pts), np.int32)
         if not pts.size or not self.labels.size:
-            return np.zeros(len(pts), np.int32)
-        ix = np.floor(pts[:, 0] / self.unit).astype(np.intp)
-        iy = np.floor(pts[:, 1] / self.unit).astype(np.intp)
+            return out
+        ix = np.floor((pts[:, 0] - self.origin[0]) / self.unit).astype(np.intp)
+        iy = np.floor((pts[:, 1] - self.origin[1]) / self.unit).astype(np.intp)
         h, w = self.labels.shape
         inside = (ix >= 0) & (ix < w) & (iy >= 0) & (iy < h)  # off the map: in no lesion
-        out = np.zeros(len(pts), np.int32)
         out[inside] = self.labels[iy[inside], ix[inside]]
         return out
 
 
-def _rasterise(annotation: Annotation, width: int, height: int, mpp: float) -> tuple[np.ndarray, float]:
-    """(h, w) bool positive area on a raster of about :data:`LESION_MAP_UM` per pixel."""
+def _rasterise(annotation: Annotation, mpp: float) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """The positive area on a raster window around it (grown lesions fit inside), of about
+    :data:`LESION_MAP_UM` per pixel: (h, w) bool, level-0 pixels per pixel, level-0 origin."""
+    margin_um = LESION_GROW_UM + 2 * LESION_MAP_UM
     if annotation.mask is not None:
-        return annotation.mask, annotation.downsample
+        d = annotation.downsample
+        rows, cols = np.nonzero(annotation.mask)
+        m = math.ceil(margin_um / (d * mpp))
+        r0, c0 = max(0, rows.min() - m), max(0, cols.min() - m)
+        window = np.zeros((rows.max() + m + 1 - r0, cols.max() + m + 1 - c0), bool)
+        window[rows - r0, cols - c0] = True
+        return window, d, (c0 * d, r0 * d)
     from wsi_mil.heatmaps.clip import rasterise_polygons
 
-    unit = max(1.0, LESION_MAP_UM / mpp, math.sqrt(width * height / LESION_MAP_MAX))
+    minx, miny, maxx, maxy = annotation.geometry.bounds
+    margin = margin_um / mpp
+    x0, y0 = math.floor(minx - margin), math.floor(miny - margin)
+    w, h = math.ceil(maxx + margin) - x0, math.ceil(maxy + margin) - y0
+    unit = max(1.0, LESION_MAP_UM / mpp, math.sqrt(w * h / LESION_MAP_MAX))
     polys = list(getattr(annotation.geometry, "geoms", [annotation.geometry]))
     # Larger polygons first: one lying in another's hole is drawn after the hole is cut.
     rings = [
-        [np.asarray(p.exterior.coords), *(np.asarray(r.coords) for r in p.interiors)]
+        [np.asarray(r.coords) - (x0, y0) for r in (p.exterior, *p.interiors)]
         for p in sorted(polys, key=lambda p: -p.area)
         if not p.is_empty
     ]
-    raster = rasterise_polygons(rings, width, height, max_side=max(1, math.ceil(max(width, height) / unit)))
-    return raster.mask, raster.unit
+    raster = rasterise_polygons(rings, w, h, max_side=max(1, math.ceil(max(w, h) / unit)))
+    return raster.mask, raster.unit, (float(x0), float(y0))
 
 
-def lesion_map(annotation: Annotation, width: int, height: int, mpp: float) -> LesionMap:
+def lesion_map(annotation: Annotation, mpp: float) -> LesionMap:
     """The CAMELYON16 lesions of an annotation (see the module docstring).
 
     Parameters
     ----------
     annotation : Annotation
         The slide's annotation (empty: no lesion).
-    width, height : int
-        The slide's level-0 size.
     mpp : float
         µm per level-0 pixel.
     """
+    import cv2
     from scipy import ndimage
     from skimage import measure
 
     if annotation.is_empty:
-        return LesionMap(np.zeros((1, 1), np.int32), float(max(width, height, 1)), frozenset())
-    mask, unit = _rasterise(annotation, width, height, mpp)
+        return LesionMap(np.zeros((0, 0), np.int32), 1.0, frozenset())
+    mask, unit, origin = _rasterise(annotation, mpp)
     um_per_px = unit * mpp
-    grown = ndimage.distance_transform_edt(~mask) * um_per_px < LESION_GROW_UM
+    # Exact Euclidean distance of each pixel to the nearest positive one (OpenCV's is fast).
+    dist = cv2.distanceTransform((~mask).astype(np.uint8), cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    grown = dist * um_per_px < LESION_GROW_UM
     labels = measure.label(ndimage.binary_fill_holes(grown), connectivity=2).astype(np.int32)
     itc = frozenset(
         int(r.label) for r in measure.regionprops(labels) if r.axis_major_length * um_per_px < ITC_MAJOR_AXIS_UM
     )
-    return LesionMap(labels, float(unit), itc)
+    return LesionMap(labels, float(unit), itc, origin)
