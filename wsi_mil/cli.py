@@ -126,13 +126,18 @@ def tile(
 
 @app.command(
     epilog="Examples: wsi-mil extract --out cohort --encoder resnet50_trunc --weights r50.safetensors\n\n"
-    "wsi-mil extract --out cohort --encoder texture   (built-in, no download)"
+    "wsi-mil extract --out cohort --encoder texture   (built-in, no download)\n\n"
+    "wsi-mil extract --out cohort --encoder uni,virchow2 --devices cuda:0,cuda:1   (one read, two bags; two GPUs)"
 )
 @handles_errors
 def extract(
     out: OutOpt,
     encoder: Annotated[
-        str | None, typer.Option(help="resnet50_trunc (default), texture, timm:<model>, hf-hub:<org>/<model>.")
+        str | None,
+        typer.Option(
+            help="resnet50_trunc (default), texture, timm:<model>, hf-hub:<org>/<model>; several separated by "
+            "commas read each patch once and write one bag per encoder."
+        ),
     ] = None,
     weights: Annotated[
         str | None,
@@ -145,8 +150,15 @@ def extract(
         typer.Option(help="Reader processes, each with its own slide handle (default -1: 2 on CPU, up to 8 on GPU)."),
     ] = None,
     device: Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda, cuda:N.")] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(help="Several devices, e.g. cuda:0,cuda:1 (or cpu,cpu): one process each, slides shared out."),
+    ] = None,
     precision: Annotated[str | None, typer.Option(help="auto (GPU: bf16/fp16; CPU: fp32), fp32, bf16, fp16.")] = None,
     backend: Annotated[str | None, typer.Option(help="Slide reader: auto (default), openslide or tiffslide.")] = None,
+    decode: Annotated[
+        str | None, typer.Option(help="Patch decoding: cpu (reader processes, default), gpu, auto (gpu on CUDA).")
+    ] = None,
     pt: Annotated[bool | None, typer.Option("--pt/--no-pt", help="Also write CLAM's pt_files/<id>.pt.")] = None,
     compile: Annotated[
         bool | None,
@@ -165,11 +177,13 @@ def extract(
         "device": device,
         "precision": precision,
         "backend": backend,
+        "decode": decode,
         "pt": pt,
         "compile": compile,
     }
     summary = extract_cohort(
-        out, encoder, weights=weights, config=config, overrides=overrides, overwrite=overwrite, echo=typer.echo
+        out, encoder, weights=weights, config=config, overrides=overrides, overwrite=overwrite, echo=typer.echo,
+        devices=devices,
     )
     if summary.failed:
         raise typer.Exit(1)

@@ -1,36 +1,45 @@
-"""Stage 2 over a cohort: every slide tiled in OUT, resumable, failures isolated per slide."""
+"""Stage 2 over a cohort: every slide tiled in OUT, resumable, failures isolated per slide.
+
+One process runs the slides one after another, starting the next slide's readers while the
+current one's last batches run (:mod:`wsi_mil.features.lookahead`); with several encoders
+each patch is read once for all of them (:mod:`wsi_mil.features.pipeline`); with several
+devices one process per device takes slides from a shared queue
+(:mod:`wsi_mil.features.devices`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wsi_mil.config import dump_config, load_config
 from wsi_mil.errors import WsiMilError
-from wsi_mil.features.extract import (
-    ExtractConfig,
-    ExtractResult,
-    bag_inputs,
-    extract_slide,
-    is_extracted,
-)
+from wsi_mil.features.extract import ExtractConfig, ExtractResult
+from wsi_mil.features.lookahead import STAGE, Extractor, outcome, plan_slide
+from wsi_mil.features.lookahead import slide_bar as _bar
 from wsi_mil.harness.lock import locks_output
-from wsi_mil.harness.runner import SlideOutcome, run_slides
-from wsi_mil.io import h5
+from wsi_mil.harness.runner import SlideOutcome, add_outcome, report
 from wsi_mil.io.layout import Layout
-from wsi_mil.io.provenance import check
 
 if TYPE_CHECKING:
     from wsi_mil.features.runtime import Runner
 
-STAGE = "extract"
+__all__ = ["STAGE", "ExtractSummary", "extract_cohort", "extract_one", "make_runner"]
 
 
 @dataclass
 class ExtractSummary:
-    """Outcome of extraction over a cohort."""
+    """Outcome of extraction over a cohort.
+
+    ``encoder``, ``features_dir`` and ``dim`` are those of the first encoder when several
+    ran (``encoders``, ``features_dirs``, ``dims`` hold every one); ``events`` is the
+    timeline of a one-process run (:class:`~wsi_mil.features.pipeline.Timeline`),
+    ``processes`` what each device process of a ``devices`` run saw
+    (:func:`~wsi_mil.features.devices.run_on_devices`).
+    """
 
     encoder: str
     features_dir: Path
@@ -40,10 +49,36 @@ class ExtractSummary:
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     results: dict[str, ExtractResult] = field(default_factory=dict)
+    encoders: tuple[str, ...] = ()
+    features_dirs: dict[str, Path] = field(default_factory=dict)
+    dims: dict[str, int] = field(default_factory=dict)
+    events: list[tuple[float, str, str]] = field(default_factory=list)
+    processes: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _quiet(_: str) -> None:
     pass
+
+
+def make_runner(cfg: ExtractConfig, name: str) -> Runner:
+    """Encoder ``name`` with ``cfg``'s weights, ready on ``cfg``'s device and precision."""
+    from wsi_mil.features.registry import create_encoder
+    from wsi_mil.features.runtime import Runner
+
+    enc = create_encoder(name, weights=cfg.weights)
+    return Runner(enc, cfg.device, cfg.precision, cfg.fold_bn, cfg.channels_last, cfg.compile)
+
+
+def write_settings(out: Path, cfg: ExtractConfig, runners: Sequence[Runner]) -> None:
+    """``OUT/features/<enc>/extract_config.yaml`` of each encoder, as a one-encoder run writes it."""
+    layout = Layout(out)
+    for r in runners:
+        name = r.encoder.name
+        layout.features_dir(name).mkdir(parents=True, exist_ok=True)
+        dump_config(
+            layout.extract_config(name),
+            {"extract": dataclasses.replace(cfg, encoder=name), "encoder": {**r.encoder.attrs(), **r.describe()}},
+        )
 
 
 @locks_output("wsi-mil extract", create=False)
@@ -58,6 +93,7 @@ def extract_cohort(
     overwrite: bool = False,
     echo: Callable[[str], None] = _quiet,
     progress: bool = True,
+    devices: str | Sequence[str] | None = None,
 ) -> ExtractSummary:
     """Extract a feature bag for every slide tiled in ``OUT/patches``.
 
@@ -67,7 +103,8 @@ def extract_cohort(
         Cohort folder (stage 1 output). Bags go to ``OUT/features/<encoder>/h5_files``,
         the resolved settings to ``OUT/features/<encoder>/extract_config.yaml``.
     encoder : str, optional
-        Encoder name (overrides the config's).
+        Encoder name, or several separated by commas (one read, one bag each); overrides
+        the config's.
     weights : str, optional
         ``"random"`` or a local weights file (overrides the config's; None = pretrained).
     config : str or path, optional
@@ -82,54 +119,65 @@ def extract_cohort(
         Receives one-line messages (failures, the summary).
     progress : bool
         Show a progress bar per slide.
+    devices : str or sequence of str, optional
+        Several devices (``"cuda:0,cuda:1"``, ``"cpu,cpu"``): one process per device, each
+        seeing only its own GPU, slides handed out from a shared queue. One device is the
+        same as ``device``.
 
     Examples
     --------
     >>> s = extract_cohort("out", "texture", echo=print)  # doctest: +SKIP
     >>> s.done, s.failed  # doctest: +SKIP
+    >>> extract_cohort("out", "uni,virchow2", devices="cuda:0,cuda:1")  # doctest: +SKIP
     """
-    from wsi_mil.features.registry import create_encoder
-    from wsi_mil.features.runtime import Runner
+    from wsi_mil.features.decoding import check_decode
+    from wsi_mil.features.devices import parse_devices, run_on_devices
 
     given = {**(overrides or {}), "encoder": encoder, "weights": weights}
     cfg = load_config(ExtractConfig, "extract", config, given)
+    devs = parse_devices(devices) if devices else []
+    if len(devs) == 1:
+        cfg = dataclasses.replace(cfg, device=devs[0])
     out = Path(out)
     layout = Layout(out)
     patch_dir = layout.patches_dir
     ids = slide_ids if slide_ids is not None else sorted(p.stem for p in patch_dir.glob("*.h5"))
     if not ids:
         raise WsiMilError(f"{patch_dir}: no patch files; run `wsi-mil tile ... --out {out}` first")
-    enc = create_encoder(cfg.encoder, weights=cfg.weights)
-    runner = Runner(enc, cfg.device, cfg.precision, cfg.fold_bn, cfg.channels_last, cfg.compile)
-    feat_dir = layout.features_dir(cfg.encoder)
-    feat_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(
-        layout.extract_config(cfg.encoder),
-        {
-            "extract": cfg,
-            "encoder": {**enc.attrs(), **runner.describe()},
-        },
-    )
-    summary = ExtractSummary(cfg.encoder, feat_dir, enc.dim)
-    echo(
-        f"extract: {len(ids)} slide(s) with {cfg.encoder} ({enc.weights_id}, {enc.dim}-d) on "
-        f"{runner.device.type} {runner.precision}"
-    )
-    run_slides(  # under OUT's lock (locks_output), as is the config written above
-        out,
-        STAGE,
-        ids,
-        lambda sid: extract_one(out, sid, runner, cfg, overwrite=overwrite, progress=progress),
-        summary,
-        echo=echo,
-        progress=False,  # one bar per slide's patches instead
-    )
+    names = cfg.encoders
+    dirs = {n: layout.features_dir(n) for n in names}
+    summary = ExtractSummary(cfg.encoder, dirs[names[0]], encoders=names, features_dirs=dirs)
+
+    def take(o: SlideOutcome) -> None:
+        add_outcome(summary, o)
+        report(o, echo)
+
+    if len(devs) > 1:
+        summary.processes = run_on_devices(
+            out, ids, cfg, devs, overwrite=overwrite, on_outcome=take, echo=echo, dims=summary.dims
+        )
+    else:
+        runners = [make_runner(cfg, n) for n in names]
+        check_decode(cfg.decode, runners[0].device)
+        write_settings(out, cfg, runners)  # under OUT's lock (locks_output)
+        summary.dims.update({r.encoder.name: r.encoder.dim for r in runners})
+        device = f"{runners[0].device.type} {runners[0].precision}"
+        echo(f"extract: {len(ids)} slide(s) with {_describe(runners)} on {device}")
+        ex = Extractor(out, runners, cfg, overwrite=overwrite, progress=progress)
+        ex.run(ids, take)
+        summary.events = ex.timeline.events
+    summary.dim = summary.dims.get(names[0], 0)
     n = sum(r.n_patches for r in summary.results.values())
+    where = ", ".join(str(d) for d in dirs.values())
     echo(
         f"extract: {len(summary.done)} done ({n} patches), {len(summary.empty)} empty, "
-        f"{len(summary.skipped)} already done, {len(summary.failed)} failed → {feat_dir}"
+        f"{len(summary.skipped)} already done, {len(summary.failed)} failed → {where}"
     )
     return summary
+
+
+def _describe(runners: Sequence[Runner]) -> str:
+    return ", ".join(f"{r.encoder.name} ({r.encoder.weights_id}, {r.encoder.dim}-d)" for r in runners)
 
 
 def extract_one(
@@ -152,58 +200,11 @@ def extract_one(
     progress : bool
         Show a bar over the slide's patches.
     """
-    layout = Layout(out)
-    pfile = layout.patches(sid)
-    bag = layout.bag(cfg.encoder, sid)
-    pt = layout.pt(cfg.encoder, sid)
-    patches = h5.read_patches(pfile)  # read once: its row count and its provenance
-    n_tiled = len(patches.coords)
-    pt_ok = not cfg.pt or pt.exists()
-    if not overwrite and is_extracted(bag):
-        # A finished bag is reused only if made from this patch file with this encoder,
-        # weights and precision; one made differently is refused, naming what changed.
-        check(sid, bag, h5.read_bag(bag, load_features=False).attrs, bag_inputs(patches.attrs, runner))
-        if pt_ok and is_extracted(bag, runner.encoder.weights_id, n_tiled):
-            return SlideOutcome(sid, STAGE, "skipped")
-    with _bar(sid, n_tiled, progress) as tick:
-        res = extract_slide(
-            pfile, bag, runner, cfg, pt=pt if cfg.pt else None, progress=tick
-        )
-    detail = f"{res.patches_per_s:.1f} patches/s; {cfg.encoder}"
-    note = ""
-    if res.n_unreadable:
-        detail += f"; {res.n_unreadable} unreadable patches dropped"
-        note = f"{res.n_unreadable} unreadable patch(es) dropped from the bag"
-    return SlideOutcome(
-        sid,
-        STAGE,
-        res.state,
-        reason="" if res.state == "done" else "no patches to extract",
-        n_patches=res.n_patches,
-        seconds=res.seconds,
-        detail=detail,
-        note=note,
-        result=res,
-    )
+    from wsi_mil.features.pipeline import SlideReader, encode_slide
 
-
-class _bar:  # noqa: N801 - used like a function
-    """A transient rich progress bar over one slide's patches (a no-op when disabled)."""
-
-    def __init__(self, sid: str, total: int, enabled: bool) -> None:
-        self.sid, self.total, self.enabled = sid, total, enabled and total > 0
-        self._p: Any = None
-
-    def __enter__(self) -> Callable[[int], None] | None:
-        if not self.enabled:
-            return None
-        from rich.progress import Progress
-
-        self._p = Progress(transient=True)
-        self._p.start()
-        task = self._p.add_task(f"extract {self.sid}", total=self.total)
-        return lambda done: self._p.update(task, completed=done)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._p is not None:
-            self._p.stop()
+    targets, patches = plan_slide(Path(out), sid, [runner], cfg, overwrite)
+    if not targets:
+        return SlideOutcome(sid, STAGE, "skipped")
+    reader = SlideReader(Layout(out).patches(sid), [runner], cfg, patches=patches)
+    with _bar(sid, reader.n, progress) as tick:
+        return outcome(encode_slide(reader, targets, progress=tick))

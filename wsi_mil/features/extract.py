@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from wsi_mil.errors import ConfigError, SlideError
-from wsi_mil.features.reader import PatchStream, ReadPlan, make_groups, make_loader
+from wsi_mil.errors import ConfigError
 from wsi_mil.features.runtime import Runner
-from wsi_mil.features.writer import ATTR_COMPLETE, BagWriter
+from wsi_mil.features.writer import ATTR_COMPLETE
 from wsi_mil.io import h5
 from wsi_mil.io.atomic import atomic_path
 from wsi_mil.io.layout import Layout
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -29,9 +22,12 @@ class ExtractConfig:
     Parameters
     ----------
     encoder : str
-        Encoder name (see :func:`~wsi_mil.features.list_encoders`).
+        Encoder name (see :func:`~wsi_mil.features.list_encoders`), or several separated by
+        commas (``"uni,virchow2"``): each patch is then read once and one bag written per
+        encoder (:attr:`encoders`).
     weights : str or None
-        None: the encoder's pretrained weights; ``"random"``; or a local file.
+        None: the encoder's pretrained weights; ``"random"``; or a local file (one encoder
+        only).
     batch_size : int
         Patches per forward pass.
     workers : int
@@ -53,6 +49,9 @@ class ExtractConfig:
         Model speed-ups (exact in fp32; ``compile`` is slow to start).
     pt : bool
         Also write CLAM's ``pt_files/<id>.pt``.
+    decode : str
+        Where patches are decoded: ``cpu`` (the reader processes), ``gpu`` (the slide's JPEG
+        tiles decoded on the CUDA device), ``auto`` (gpu on CUDA where the slide allows it).
     """
 
     encoder: str = "resnet50_trunc"
@@ -68,8 +67,24 @@ class ExtractConfig:
     channels_last: bool = True
     compile: bool = False
     pt: bool = False
+    decode: str = "cpu"
 
     def __post_init__(self) -> None:
+        from wsi_mil.features.decoding import DECODES
+        from wsi_mil.features.registry import PRETRAINED
+
+        names = [e.strip() for e in str(self.encoder).split(",")]
+        if not all(names):
+            raise ConfigError(f"encoder: empty name in {self.encoder!r} (give NAME or NAME,NAME)")
+        if len(set(names)) < len(names):
+            raise ConfigError(f"encoder: {self.encoder!r} names an encoder twice")
+        if len(names) > 1 and self.weights not in (*PRETRAINED, "random"):
+            raise ConfigError(
+                f"weights {self.weights} is one encoder's file; with several encoders "
+                f"({self.encoder}) weights must be pretrained (omitted) or random"
+            )
+        if self.decode not in DECODES:
+            raise ConfigError(f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.workers < -1:
@@ -78,6 +93,11 @@ class ExtractConfig:
             raise ConfigError(f"supertile must be ≥ 1, or 0 for auto, got {self.supertile}")
         if not 0.0 <= self.max_unreadable < 1.0:
             raise ConfigError(f"max_unreadable must be in [0, 1), got {self.max_unreadable}")
+
+    @property
+    def encoders(self) -> tuple[str, ...]:
+        """The encoder names of :attr:`encoder` (one, or several separated by commas)."""
+        return tuple(e.strip() for e in self.encoder.split(","))
 
     def supertile_for(self, backend: str) -> int:
         """The supertile side read through ``backend`` (the one that opened the slide).
@@ -92,7 +112,12 @@ class ExtractConfig:
 
 @dataclass
 class ExtractResult:
-    """What extracting one slide produced."""
+    """What extracting one slide produced.
+
+    ``gap_s`` is how long the model sat idle between the previous slide's last batch and
+    this slide's first (for a run's first slide: from the start of its work); ``wait_s`` the
+    time it waited on the readers over the whole slide, ``gap_s`` included.
+    """
 
     slide_id: str
     state: str  # "done" or "empty"
@@ -100,15 +125,27 @@ class ExtractResult:
     n_unreadable: int
     seconds: float
     patches_per_s: float
+    encoders: tuple[str, ...] = ()
+    gap_s: float = 0.0
+    wait_s: float = 0.0
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        from wsi_mil.features.runtime import usable_cpus as runtime_cpus  # type: ignore[attr-defined]
+    except ImportError:
+        import os
+
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(runtime_cpus())
 
 
 def resolve_workers(workers: int, cuda: bool) -> int:
-    """Reader processes: as given, or for -1 two on CPU and up to eight on GPU."""
-    import os
-
+    """Reader processes: as given, or for -1 two on CPU and up to eight (usable CPUs) on GPU."""
     if workers >= 0:
         return workers
-    return min(8, os.cpu_count() or 1) if cuda else 2
+    return min(8, usable_cpus()) if cuda else 2
 
 
 def bag_path(out: str | Path, encoder: str, slide_id: str) -> Path:
@@ -153,10 +190,7 @@ def is_extracted(
     try:
         with h5py.File(p, "r") as f:
             a = f.attrs
-            if (
-                int(a.get(ATTR_COMPLETE, 0)) != 1
-                or f[h5.FEATURES].shape[0] != f[h5.COORDS].shape[0]
-            ):
+            if int(a.get(ATTR_COMPLETE, 0)) != 1 or f[h5.FEATURES].shape[0] != f[h5.COORDS].shape[0]:
                 return False
             if weights_id is not None and a.get("encoder_weights") != weights_id:
                 return False
@@ -206,81 +240,10 @@ def extract_slide(
     >>> extract_slide("out/patches/a.h5", "out/features/texture/h5_files/a.h5",
     ...               Runner(enc), ExtractConfig(encoder="texture"))  # doctest: +SKIP
     """
-    from wsi_mil.io.provenance import PROVENANCE, stamp
-    from wsi_mil.slide import open_slide
-    from wsi_mil.tiling.grid import best_level
+    from wsi_mil.features.pipeline import SlideReader, Target, encode_slide
 
-    t0 = time.perf_counter()
-    pf = h5.read_patches(patch_file)
-    sid = str(pf.attrs.get(h5.ATTR_NAME) or Path(patch_file).stem)
-    src = Path(slide_path or pf.attrs.get("slide_path") or "")
-    if not src.exists():  # a file, or a DICOM WSI's folder
-        raise SlideError(sid, f"slide file {src} not found (moved since tiling?)")
-    enc = runner.encoder
-    size = enc.preprocess.input_size
-    n = len(pf.coords)
-    # Open once here for the pyramid only (reading needs no mpp); closed before the
-    # loader forks its workers, so no worker inherits this handle.
-    # With backend "auto" the readers use the backend that opened the slide here, so the
-    # supertile default fits the reader actually used.
-    with open_slide(src, backend=cfg.backend) as slide:
-        downsamples, opened = slide.level_downsamples, slide.backend_name
-    size0 = pf.patch_size_level0
-    level = best_level(downsamples, size0 / size)
-    supertile = cfg.supertile_for(opened)
-    plan = ReadPlan(str(src), opened, None, level, float(downsamples[level]), size0, size)
-    attrs: dict[str, Any] = {
-        **pf.attrs,
-        **enc.attrs(),
-        **runner.describe(),
-        "backend": cfg.backend,
-        "backend_used": opened,
-        "read_level": level,
-        "read_size": plan.size_at_level,
-        "supertile": supertile,
-        "n_patches_tiled": n,
-        "patches_provenance": str(pf.attrs.get(PROVENANCE, "")),
-        **stamp(bag_inputs(pf.attrs, runner)),
-    }
-    limit = int(np.floor(cfg.max_unreadable * n))
-    with atomic_path(bag) as tmp, BagWriter(tmp, pf.coords, enc.dim) as writer:
-        if n:
-            stream = PatchStream(
-                plan, pf.coords, make_groups(pf.coords, size0, supertile), cfg.batch_size
-            )
-            cuda = runner.device.type == "cuda"
-            loader = make_loader(stream, resolve_workers(cfg.workers, cuda), pin_memory=cuda)
-            done = 0
-            for images, rows, failed in loader:
-                if len(failed):
-                    writer.mark_failed(failed.numpy())
-                    if writer.n_failed > limit:
-                        raise SlideError(
-                            sid,
-                            f"{writer.n_failed} of {n} patches unreadable (more than "
-                            f"{cfg.max_unreadable:.0%}); the slide file is damaged",
-                        )
-                if len(rows):
-                    writer.write(rows.numpy(), runner(images))
-                done += len(rows) + len(failed)
-                if progress is not None:
-                    progress(done)
-        attrs.update(
-            n_patches=n - writer.n_failed,
-            n_unreadable=writer.n_failed,
-            unreadable_share=writer.n_failed / n if n else 0.0,
-        )
-        kept = writer.finish(attrs)
-    if writer.n_failed:
-        log.warning(
-            "%s: %d of %d patches unreadable, dropped from the bag", sid, writer.n_failed, n
-        )
-    if pt is not None:
-        write_pt(bag, pt)
-    dt = time.perf_counter() - t0
-    return ExtractResult(
-        sid, "done" if kept else "empty", kept, writer.n_failed, dt, kept / dt if dt else 0.0
-    )
+    reader = SlideReader(patch_file, [runner], cfg, slide_path=slide_path)
+    return encode_slide(reader, [Target(runner, Path(bag), Path(pt) if pt is not None else None)], progress=progress)
 
 
 def write_pt(bag: str | Path, pt: str | Path) -> None:
