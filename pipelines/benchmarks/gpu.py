@@ -287,13 +287,19 @@ def end_to_end(runner: Any, source: Any, n: int, dim: int, bag: Path) -> dict[st
     }
 
 
+_BUILT: dict[str, Any] = {}  # one random-weight encoder per name (a ViT-H takes seconds to build)
+
+
 def make_runner(name: str, device: str, precision: str, channels_last: bool = True, compile: bool = False) -> Any:
+    """A Runner over ``name``'s encoder, built once; its forms share the weights."""
     from wsi_mil.features import create_encoder, list_encoders
     from wsi_mil.features.runtime import Runner
 
-    real = name if name in list_encoders() else FALLBACK.get(name, name)
+    if name not in _BUILT:
+        real = name if name in list_encoders() else FALLBACK.get(name, name)
+        _BUILT[name] = create_encoder(real, weights="random")
     return Runner(
-        create_encoder(real, weights="random"),
+        _BUILT[name],
         device,
         precision,
         fold_bn=True,
@@ -571,6 +577,8 @@ def main() -> None:
                 }
             )
         del runner
+        if enc != encoders[0]:  # the first one serves the gap run below
+            _BUILT.pop(enc, None)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
