@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,18 @@ def make_cohort(root: Path, n: int = 24, classes: tuple[str, ...] = ("normal", "
     csv = root / "labels.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     return csv
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test: tiny models run fastest so, and two threads spin
+    against other work on a busy machine. The previous setting is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

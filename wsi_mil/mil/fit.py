@@ -59,6 +59,7 @@ def fit_fold(
     device: torch.device,
     seed: int,
     progress: Callable[[int, float, float], None] | None = None,
+    targets: AttentionTargets | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[dict[str, float]]]:
     """Train one fold; return the weights of the epoch :func:`select_epoch` picks, and the history.
 
@@ -81,6 +82,9 @@ def fit_fold(
         Seeds the order of the training bags.
     progress : callable, optional
         ``progress(epoch, val_error, val_loss)`` after every epoch.
+    targets : AttentionTargets, optional
+        The store of the consistency targets α̃ (default: a new one, β = ``optim.ema_beta``,
+        when ``optim.omega > 0``); pass one to start from given targets or to read them after.
 
     Returns
     -------
@@ -100,7 +104,8 @@ def fit_fold(
     )
     val_dl = DataLoader(val_ds, batch_size=1, collate_fn=collate_bags, num_workers=cfg.num_workers)
     opt = torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    targets = AttentionTargets(o.ema_beta) if o.omega > 0 else None
+    if targets is None and o.omega > 0:
+        targets = AttentionTargets(o.ema_beta)
     best_state = copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
     since_best = 0
