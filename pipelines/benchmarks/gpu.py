@@ -342,11 +342,48 @@ def slide_gap(bench: Bench, pfiles: list[Path], name: str, args: argparse.Namesp
     bench.add(
         {
             "stage": "gap",
-            "variant": f"{name} decode={decode} workers={args.workers_e2e}",
+            "variant": f"{name} extract_slide x2 decode={decode} workers={args.workers_e2e}",
             "gap_s": gap,
             "next_batch_s": first,
             "gap_s_reported": [getattr(r, "gap_s", None) for r in results],
             "patches_per_s": sum(r.n_patches for r in results) / total,
+        }
+    )
+
+
+def cohort_gap(bench: Bench, pfiles: list[Path], name: str, args: argparse.Namespace, decode: str) -> None:
+    """The two slides through :func:`extract_cohort`, whose next slide's readers start early."""
+    from wsi_mil.features import extract_cohort
+
+    out = pfiles[0].parent.parent
+    overrides = {
+        "batch_size": args.batch_size,
+        "workers": args.workers_e2e,
+        "device": args.device,
+        "precision": args.precision,
+        "decode": decode,
+    }
+    t0 = time.perf_counter()
+    summary = extract_cohort(
+        out,
+        name,
+        weights="random",
+        overrides=overrides,
+        progress=False,
+        overwrite=True,
+        slide_ids=[p.stem for p in pfiles],
+    )
+    secs = time.perf_counter() - t0
+    res = [summary.results.get(p.stem) for p in pfiles]
+    gaps = [getattr(r, "gap_s", None) for r in res]
+    bench.add(
+        {
+            "stage": "gap",
+            "variant": f"{name} extract_cohort decode={decode} workers={args.workers_e2e}",
+            "gap_s": gaps[-1],
+            "first_slide_start_s": gaps[0],
+            "failed": summary.failed,
+            "patches_per_s": sum(r.n_patches for r in res if r is not None) / secs,
         }
     )
 
@@ -424,9 +461,13 @@ def targets(bench: Bench) -> list[dict[str, Any]]:
                 "met": vitl >= TARGET_VITL_PPS,
             }
         )
-    gaps = [r["gap_s"] for r in bench.rows if r["stage"] == "gap" and r.get("gap_s") is not None]
+    # Judged where extraction overlaps slides (extract_cohort); extract_slide alone does not.
+    measured = [r for r in bench.rows if r["stage"] == "gap" and r.get("gap_s") is not None]
+    gaps = [r["gap_s"] for r in measured if "extract_cohort" in r["variant"]] or [r["gap_s"] for r in measured]
     if gaps:
-        out.append({"target": "no gap over 1 s between slides", "value": max(gaps), "met": max(gaps) <= 1.0})
+        out.append(
+            {"target": "no gap over 1 s between slides (extract_cohort)", "value": max(gaps), "met": max(gaps) <= 1.0}
+        )
     return out
 
 
@@ -585,11 +626,13 @@ def main() -> None:
     # -- between slides; several GPUs --------------------------------------------------------
     gap_enc = encoders[0]
     for decode in ("cpu", "gpu") if gpu_ok and device.type == "cuda" else ("cpu",):
-        if bench.fits("gap", f"{gap_enc} decode={decode}", 15 + 2 * n / 2000):
-            try:
-                slide_gap(bench, pfiles, gap_enc, args, decode)
-            except Exception as exc:
-                bench.add({"stage": "gap", "variant": f"{gap_enc} decode={decode}", "error": str(exc)[:300]})
+        if bench.fits("gap", f"{gap_enc} decode={decode}", 30 + 4 * n / 2000):
+            for how in (slide_gap, cohort_gap):
+                try:
+                    how(bench, pfiles, gap_enc, args, decode)
+                except Exception as exc:  # extraction's API moves under us: record, go on
+                    why = f"{type(exc).__name__}: {exc}"[:300]
+                    bench.add({"stage": "gap", "variant": f"{gap_enc} {how.__name__} decode={decode}", "error": why})
     if device.type != "cuda":
         bench.add({"stage": "multi_gpu", "variant": "several GPUs", "skipped": "not a CUDA run"})
     elif gpu_ok and bench.fits("multi_gpu", "several GPUs", 40):
