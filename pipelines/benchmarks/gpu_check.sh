@@ -75,8 +75,10 @@ EOF
 } 2>&1 | tee "$OUT/env.txt"
 
 echo "== pytest -m gpu (at most ${TESTS} s)" | tee "$OUT/pytest_gpu.log"
-timeout --kill-after=10 "$TESTS" "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider \
-    --junitxml="$OUT/pytest_gpu.xml" tests 2>&1 | tee -a "$OUT/pytest_gpu.log"
+# GPU decode and the CUDA extraction tests first (pytest keeps the first of duplicates); no
+# test may hold the rest up for more than 90 s (pytest-timeout is on the device image).
+timeout --kill-after=10 "$TESTS" "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider --timeout 90 \
+    --junitxml="$OUT/pytest_gpu.xml" tests/features/test_gpu_decode.py tests/gpu tests 2>&1 | tee -a "$OUT/pytest_gpu.log"
 echo "pytest exit ${PIPESTATUS[0]} after $(( SECONDS - START )) s" | tee -a "$OUT/pytest_gpu.log"
 
 # The benchmark rewrites $OUT/gpu.json after every measurement; its own budget stops it
