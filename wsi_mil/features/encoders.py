@@ -1,5 +1,5 @@
 """Built-in encoders: ``resnet50_trunc`` (CLAM), ``timm:<name>``, ``hf-hub:<org>/<name>``,
-``texture``."""
+``texture``, and the named foundation-model presets (:mod:`.presets`, ``wsi-mil encoders``)."""
 
 from __future__ import annotations
 

@@ -57,6 +57,7 @@ def _pretrained_id(preset: EncoderPreset, path: str) -> str:
 
 
 # -- modules the cards add on top of the backbone ----------------------------------------
+@functools.cache
 def _modules() -> Any:
     import torch
     import torch.nn.functional as F
@@ -191,7 +192,7 @@ def _load_hf_file(preset: EncoderPreset, model_cls: Any, config: Any, path: str)
                 f"{preset.name}: weights file {p} {what} {len(keys)} parameter(s), e.g. {', '.join(keys[:3])} "
                 f"— not {preset.hub_repo}'s published layout ({preset.arch})"
             )
-    return model, p
+    return model.float(), p  # fp32 as the timm presets, whatever dtype the file holds
 
 
 def build_preset(preset: EncoderPreset, name: str, weights: str | None = None, **kw: Any) -> Encoder:
