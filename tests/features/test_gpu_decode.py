@@ -120,7 +120,7 @@ def _reference(plan: ReadPlan, coords: np.ndarray) -> dict[int, np.ndarray]:
     return {int(r): img.numpy() for images, rows, _ in stream for r, img in zip(rows, images, strict=True)}
 
 
-def _decoded(plan: ReadPlan, coords: np.ndarray, device: str, batch: int = 3) -> tuple[dict, list[int]]:
+def _decoded(plan: ReadPlan, coords: np.ndarray, device: str, batch: int = 4) -> tuple[dict, list[int]]:
     got, failed = {}, []
     for images, rows, bad in GpuJpegStream(plan, coords, batch, device):
         assert images.device.type == device.split(":")[0] and images.dtype.is_floating_point is False
