@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from wsi_mil.errors import WsiMilError
+from wsi_mil.mil.registry import HANDWRITTEN_MODELS, ZOO_MODELS  # names only: no torch
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -209,8 +210,11 @@ def train(
     model: Annotated[
         str | None,
         typer.Option(
-            help="loss_attention (default), attention, gated_attention, instance_mean, instance_max, "
-            "embedding_mean, embedding_max."
+            help="loss_attention (default); hand-written: "
+            + ", ".join(HANDWRITTEN_MODELS[1:])
+            + "; torchmil (binary tasks): "
+            + ", ".join(ZOO_MODELS)
+            + " (docs/mil_zoo.md)."
         ),
     ] = None,
     folds: Annotated[int | None, typer.Option(help="Outer cross-validation folds (default 5).")] = None,

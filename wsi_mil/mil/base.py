@@ -76,7 +76,18 @@ class MILModel(nn.Module):
     input_norm : bool
         Put a :class:`~wsi_mil.mil.trunks.Standardize` layer in front of the trunk; set its
         statistics from the training split with :meth:`set_input_stats`.
+
+    Attributes
+    ----------
+    needs_coords : bool
+        True for models that need the patch coordinates: the trainer and inference then
+        pass ``coords`` (B, N, 2), padded like ``X``, as a keyword to ``outputs``,
+        ``forward``, ``compute_loss`` and ``predict`` (the graph models of
+        :mod:`wsi_mil.mil.zoo`). False here.
     """
+
+    #: Whether ``coords=`` (B, N, 2) must be passed to the model's methods.
+    needs_coords: bool = False
 
     def __init__(
         self,
