@@ -272,3 +272,15 @@ def test_gpu_benchmark_quick_runs_on_cpu(tmp_path: Path) -> None:
     assert {"read", "model", "end_to_end"} <= stages
     assert all(r["device_name"] for r in res["rows"])
     assert "targets" in res
+
+
+def test_slide_gone_mid_run_is_a_one_line_slide_error(slides: dict[str, Path], tmp_path: Path) -> None:
+    from wsi_mil.errors import SlideError
+
+    path = tmp_path / "gone.tif"
+    shutil.copy(slides["synthetic"], path)
+    stream = GpuJpegStream(_plan(path, 0, 256, 256), COORDS, 4, "cpu")
+    path.unlink()
+    with pytest.raises(SlideError, match=r"^gone: .*gone\.tif: .*No such file") as err:
+        list(stream)
+    assert "\n" not in str(err.value)

@@ -247,9 +247,12 @@ class GpuJpegStream:
         lv = self.level
         order = np.argsort(lv.offsets[tiles], kind="stable")  # file order: sequential reads
         out: list[bytes] = [b""] * len(tiles)
-        for i in order:
-            t = int(tiles[i])
-            out[i] = os.pread(fd, int(lv.counts[t]), int(lv.offsets[t])) if lv.counts[t] else b""
+        try:
+            for i in order:
+                t = int(tiles[i])
+                out[i] = os.pread(fd, int(lv.counts[t]), int(lv.offsets[t])) if lv.counts[t] else b""
+        except OSError as exc:  # the file went away or its disk failed: the slide, not a patch
+            raise SlideError(slide_id_from_path(self.plan.slide_path), f"{self.plan.slide_path}: {exc}") from exc
         return out
 
     # -- decoding and cutting -------------------------------------------------------------
@@ -311,7 +314,10 @@ class GpuJpegStream:
         lv, n, B, S = self.level, len(self.coords), self.batch_size, self.plan.input_size
         prev: dict[int, int] = {}  # tile id → index in prev_tiles (decoded in the last batch)
         prev_tiles = None
-        fd = os.open(self.plan.slide_path, os.O_RDONLY)
+        try:
+            fd = os.open(self.plan.slide_path, os.O_RDONLY)
+        except OSError as exc:
+            raise SlideError(slide_id_from_path(self.plan.slide_path), f"{self.plan.slide_path}: {exc}") from exc
         try:
             for start in range(0, n, B):
                 rows = np.arange(start, min(start + B, n))
