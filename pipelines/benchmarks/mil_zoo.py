@@ -309,6 +309,52 @@ def main_classic(args: argparse.Namespace, models: list[str]) -> None:
     print(f"wrote {out}")
 
 
+def report_tables() -> str:
+    """Markdown tables of the saved results (``results/mil_zoo.json``, ``mil_zoo_classic.json``)."""
+    lines = []
+    syn = RESULTS / "mil_zoo.json"
+    if syn.is_file():
+        z = json.loads(syn.read_text())
+        pr, st = z.get("prepare", {}), z["settings"]
+        lines += [
+            f"Synthetic: {pr.get('n_slides')} slides of {pr.get('size')} px, tumour share {pr.get('share_range')}, "
+            f"{pr.get('patches')} patches, encoder `{pr.get('encoder')}`; per repeat {st['test_share']:.0%} of the "
+            f"slides held out, `wsi-mil train --folds {st['folds']} --epochs {st['epochs']}` on the rest. "
+            f"Measured on {z['machine']['cpu']} ({z['machine']['cores']} cores), {z['machine']['date']}; "
+            f"wall {z.get('wall_s', 0) / 60:.0f} min (prepare: write {pr.get('write_s', 0):.0f} s, "
+            f"tile {pr.get('tile_s', 0):.0f} s, extract {pr.get('extract_s', 0):.0f} s).",
+            "",
+            "| model | repeats | held-out slide AUC | CV slide AUC | tumour-prob patch AUC (within positive "
+            "slides) | tumour-prob FROC | attention patch AUC (within positive) | attention FROC "
+            "| tumour-prob patch AUC pooled |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for e in z.get("table", []):
+            lines.append("| " + " | ".join([e["model"], str(e["repeats"]), *(e.get(m, "–") for m in METRICS)]) + " |")
+        lines += ["", "Paired differences against loss-attention (same repeat, same split; mean ± std over repeats):",
+                  "", "| model | Δ held-out slide AUC | Δ CV slide AUC | Δ prob patch AUC | Δ prob FROC "
+                  "| Δ attention patch AUC | Δ attention FROC |", "|---|---|---|---|---|---|---|"]
+        for e in z.get("table", []):
+            if e["model"] != BASELINE:
+                lines.append("| " + " | ".join([e["model"], *(e.get(f"d_{m}", "–") for m in METRICS[:6])]) + " |")
+        errs = [(e["model"], e["errors"]) for e in z.get("table", []) if e.get("errors")]
+        if errs:
+            lines += ["", "Runs that failed: " + "; ".join(f"`{m}`: {es[0][:160]}" for m, es in errs)]
+    cl = RESULTS / "mil_zoo_classic.json"
+    if cl.is_file():
+        c = json.loads(cl.read_text())
+        st = c["settings"]
+        lines += ["", f"Classic benchmarks: {st['folds']}-fold CV, {st['epochs']} epochs, out-of-fold accuracy; "
+                  f"measured on {c['machine']['cpu']} ({c['machine']['cores']} cores), wall "
+                  f"{c.get('wall_s', 0) / 60:.0f} min.", "",
+                  "| dataset | model | repeats | accuracy | Δ accuracy vs loss-attention | AUC | Δ AUC |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in c.get("table", []):
+            lines.append("| " + " | ".join([e["dataset"], e["model"], str(e["repeats"]), e.get("accuracy", "–"),
+                                            e.get("d_accuracy", "–"), e.get("auc", "–"), e.get("d_auc", "–")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="8 slides, 2 models, 1 repeat, few epochs")
@@ -324,7 +370,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--test-share", type=float, default=0.25)
     p.add_argument("--name", default=None, help="results/<name>.json (default mil_zoo[_quick])")
     p.add_argument("--classic", action="store_true", help="part (b): MUSK1, MUSK2, ELEPHANT")
+    p.add_argument("--report", action="store_true", help="print the markdown tables of the saved results")
     args = p.parse_args(argv)
+    if args.report:
+        print(report_tables())
+        return
     if args.classic:
         args.work.mkdir(parents=True, exist_ok=True)
         models = args.models.split(",") if args.models else _registered()
