@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from wsi_mil.errors import ConfigError
@@ -93,7 +94,7 @@ def test_train_help_lists_every_model() -> None:
 
 # ---------------------------------------------------------------- the contract
 @pytest.mark.parametrize("name", reg.ZOO_MODELS)
-def test_contract_shapes_and_masking(name: str) -> None:
+def test_contract_shapes_and_masking(name: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = create_model(name, D, 2, trunk="mlp", hidden=[16], attention_dim=16, lam=0.5)
     X = torch.randn(3, 9, D)
@@ -126,6 +127,11 @@ def test_contract_shapes_and_masking(name: str) -> None:
     alone = model.predict(X[:1, :5], None, **_kw(model, coords[:1, :5]))
     torch.testing.assert_close(alone.bag_probs[0], pred.bag_probs[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(alone.instance_probs[0], pred.instance_probs[0, :5], atol=1e-5, rtol=1e-5)
+    # A checkpoint as the trainer writes it (safetensors) rebuilds the same model.
+    save_file(model.state_dict(), str(tmp_path / "m.safetensors"))
+    again = create_model(name, D, 2, trunk="mlp", hidden=[16], attention_dim=16)
+    again.load_state_dict(load_file(str(tmp_path / "m.safetensors")))
+    torch.testing.assert_close(again.eval().predict(X, mask, **_kw(model, coords)).bag_probs, pred.bag_probs)
 
 
 def test_binary_only_and_coords_required() -> None:
@@ -173,8 +179,9 @@ def test_clam_instance_loss_per_instance() -> None:
 #: Small settings for the easy problem: CLAM samples 1 instance a side (its pseudo-labels
 #: slow the bag head down: 25 steps), DTFD-MIL splits 2 pseudo-bags.
 _EASY = {"clam": ({"k_sample": 1}, 25), "dtfdmil": ({"n_groups": 2}, 15)}
-#: Slow on 2 busy cores (Nyström pseudo-inverse, Sm iterations): in the slow run only.
-_SLOW_TO_TRAIN = {"transmil", "sm_abmil"}
+#: In the slow run only (the default run keeps one model of each kind: pooling, two
+#: streams, graph, smoothing); TransMIL's Nyström pseudo-inverse is the slowest.
+_SLOW_TO_TRAIN = {"transmil", "clam", "dtfdmil", "transformer_abmil", "prob_smooth_abmil"}
 
 
 @pytest.mark.parametrize(
@@ -300,3 +307,32 @@ def test_cli_train_abmil(tmp_path: Path, cohort) -> None:
 def test_cli_train_graph_model(tmp_path: Path, cohort) -> None:
     run = _train(tmp_path, cohort(tmp_path, n=12), "patch_gcn")
     assert len(json.loads((run / "metrics.json").read_text())["folds"]) == 2
+
+
+# ---------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", reg.ZOO_MODELS)
+def test_cuda_matches_cpu(name: str) -> None:
+    """Same weights on CUDA: the same prediction (fp32, TF32 off), and reproducible there."""
+    torch.manual_seed(0)
+    model = create_model(name, D, 2, trunk="mlp", hidden=[16], attention_dim=16).eval()
+    X, mask, y = _easy_bags()
+    coords = _grid_coords(len(y), X.shape[1])
+    cpu = model.predict(X, mask, **_kw(model, coords))
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        gm = model.to("cuda")
+        Xg, mg, cg = X.cuda(), mask.cuda(), coords.cuda()
+        gpu = gm.predict(Xg, mg, **_kw(gm, cg))
+        torch.testing.assert_close(gm.predict(Xg, mg, **_kw(gm, cg)).bag_probs, gpu.bag_probs)  # fixed RNG
+        _, terms = gm.train().compute_loss(y.cuda(), Xg, mg, **_kw(gm, cg))
+        assert all(v.device.type == "cuda" and torch.isfinite(v) for v in terms.values())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    if name == "prob_smooth_abmil":  # its attention samples come from the device's own generator
+        return
+    torch.testing.assert_close(gpu.bag_probs.cpu(), cpu.bag_probs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.attention.cpu(), cpu.attention, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.instance_probs.cpu(), cpu.instance_probs, atol=1e-4, rtol=1e-4)
