@@ -153,6 +153,7 @@ def extract_cohort(
         report(o, echo)
 
     if len(devs) > 1:
+        echo(f"extract: {len(ids)} slide(s) with {cfg.encoder}, one process per device: {','.join(devs)}")
         summary.processes = run_on_devices(
             out, ids, cfg, devs, overwrite=overwrite, on_outcome=take, echo=echo, dims=summary.dims
         )
