@@ -298,9 +298,21 @@ def _train(tmp_path: Path, csv: Path, model: str) -> Path:
 
 
 def test_cli_train_abmil(tmp_path: Path, cohort) -> None:
+    from wsi_mil.io.h5 import read_bag
+    from wsi_mil.mil.inference import load_model, predict_bag, predict_bags
+
     run = _train(tmp_path, cohort(tmp_path, n=12), "abmil")
     assert yaml.safe_load((run / "config.yaml").read_text())["model"]["name"] == "abmil"
     assert len(json.loads((run / "metrics.json").read_text())["folds"]) == 2
+    # The run's checkpoints diagnose bags and give the heatmaps' per-patch scores.
+    ens = load_model(run)
+    bags = sorted((tmp_path / "features" / "toyenc" / "h5_files").glob("*.h5"))[:3]
+    table = predict_bags(ens, bags)
+    assert len(table) == 3 and np.allclose(table[["prob_normal", "prob_tumor"]].sum(axis=1), 1.0)
+    bag = read_bag(bags[0])
+    pred = predict_bag(ens, bag.features)
+    assert pred.attention.shape == (1, len(bag.features)) and pred.instance_probs.shape == (1, len(bag.features), 2)
+    torch.testing.assert_close(pred.attention.sum(1), torch.ones(1))
 
 
 @pytest.mark.xfail(reason="the trainer does not pass coords= to models with needs_coords yet", strict=False)
