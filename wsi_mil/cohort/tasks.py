@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -74,7 +73,9 @@ def set_torch_threads(threads: int, slots_by_host: Mapping[str, int] | None = No
 
     n = threads
     if n <= 0:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        from wsi_mil.features.runtime import usable_cpus
+
+        cores = usable_cpus()  # affinity and cgroup quota, not the machine's core count
         slots = 1
         try:
             from distributed import get_worker
@@ -294,7 +295,9 @@ def train_task(
             raise ValueError(f"{labels}: no labelled slide of the cohort has a feature bag")
         csv = Layout(outp).train_labels
         write_labels(csv, table, usable)  # case_id kept: folds stay grouped by patient
-        torch.set_num_threads(threads if threads > 0 else max(1, len(os.sched_getaffinity(0))))
+        from wsi_mil.features.runtime import usable_cpus
+
+        torch.set_num_threads(threads if threads > 0 else usable_cpus())
         with delegated(outp):  # train_run takes OUT's lock, which the run that sent this task holds
             path = train_run(outp, csv, encoder_dirname(encoder), cfg, progress=False)
         note = f"{len(left_out)} labelled slide(s) without a usable bag left out of training" if left_out else ""
