@@ -18,6 +18,7 @@ from wsi_mil.errors import ConfigError
 from wsi_mil.mil import create_model, list_models
 from wsi_mil.mil import registry as reg
 from wsi_mil.mil.baselines import AttentionMIL
+from wsi_mil.mil.data import BagDataset, BagItem
 from wsi_mil.mil.zoo import ZOO
 from wsi_mil.mil.zoo_parts import adjacency_from_coords, grid_step
 
@@ -315,10 +316,78 @@ def test_cli_train_abmil(tmp_path: Path, cohort) -> None:
     torch.testing.assert_close(pred.attention.sum(1), torch.ones(1))
 
 
-@pytest.mark.xfail(reason="the trainer does not pass coords= to models with needs_coords yet", strict=False)
 def test_cli_train_graph_model(tmp_path: Path, cohort) -> None:
+    """patch_gcn trains, predicts and writes heatmaps with the bags' coordinates."""
+    import h5py
+    import pandas as pd
+
+    from wsi_mil.cli import app
+    from wsi_mil.io.h5 import read_bag, write_bag
+    from wsi_mil.mil.inference import load_model, predict_bag, predict_bags
+    from wsi_mil.synthetic.slides import SyntheticSpec, write_synthetic_slide
+
     run = _train(tmp_path, cohort(tmp_path, n=12), "patch_gcn")
     assert len(json.loads((run / "metrics.json").read_text())["folds"]) == 2
+    ens = load_model(run)
+    assert ens.needs_coords
+    bags = sorted((tmp_path / "features" / "toyenc" / "h5_files").glob("*.h5"))
+    table = predict_bags(ens, bags[:3])
+    assert np.allclose(table[["prob_normal", "prob_tumor"]].sum(axis=1), 1.0)
+    bag = read_bag(bags[0])
+    pred = predict_bag(ens, bag.features, bag.coords)
+    # The ensemble builds the adjacency once and shares it: the same as each fold from coords.
+    X, c = torch.from_numpy(bag.features)[None], torch.from_numpy(bag.coords)[None]
+    folds = [m.predict(X, None, coords=c) for m in ens.models]
+    for field in ("bag_probs", "attention", "instance_probs"):
+        assert torch.equal(getattr(pred, field), torch.stack([getattr(f, field) for f in folds]).mean(0)), field
+    assert float(table.loc[0, "prob_tumor"]) == float(pred.bag_probs[0, 1])
+    with pytest.raises(ConfigError, match="needs patch coordinates"):
+        predict_bag(ens, bag.features)
+    # wsi-mil heatmap on a slide the bag's patches lie on.
+    slide = tmp_path / "slides" / "s00.tiff"
+    slide.parent.mkdir()
+    write_synthetic_slide(slide, SyntheticSpec(width=int(bag.coords[:, 0].max()) + 256, height=512, mpp=0.5, seed=0))
+    write_bag(bags[0], bag.features, bag.coords, {**bag.attrs, "patch_size_level0": 256, "slide_path": str(slide)})
+    res = CliRunner().invoke(app, ["heatmap", "--out", str(tmp_path), "--model", str(run), "--slides", "s00",
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    index = pd.read_csv(tmp_path / "heatmaps" / "patch_gcn" / "index.csv")
+    assert index["slide_id"].tolist() == ["s00"]
+    with h5py.File(tmp_path / "heatmaps" / "patch_gcn" / "s00.h5", "r") as f:
+        att = np.asarray(f["attention"][:])
+    np.testing.assert_allclose(att.reshape(-1), pred.attention[0].numpy(), rtol=1e-6, atol=1e-7)
+
+
+class _MovedPatches(BagDataset):
+    """The same bags with their patches moved to other grid places (the graph changes, not the features)."""
+
+    def __getitem__(self, i: int) -> BagItem:
+        item = super().__getitem__(i)
+        place = torch.randperm(64, generator=torch.Generator().manual_seed(i))[: len(item.features)]
+        return item._replace(coords=torch.stack([place % 8, place // 8], 1) * 256)
+
+
+@pytest.mark.parametrize("name", ["loss_attention", "patch_gcn"])
+def test_coords_reach_only_the_graph_models(tmp_path: Path, cohort, name: str) -> None:
+    """Moving the patches leaves a non-graph model's training bitwise the same, and changes a graph model's."""
+    from wsi_mil.mil.config import OptimConfig, TrainConfig
+    from wsi_mil.mil.fit import fit_fold
+
+    cohort(tmp_path, n=6)
+    paths = sorted((tmp_path / "features" / "toyenc" / "h5_files").glob("*.h5"))
+    y = np.arange(6) % 2
+    omega = 0.5 if name == "loss_attention" else 0.0  # the consistency term (loss_attention only)
+    cfg = TrainConfig(optim=OptimConfig(epochs=2, lr=1e-2, omega=omega, rampup_epochs=1, max_instances=16))
+    runs = []
+    for kind in (BagDataset, _MovedPatches):
+        torch.manual_seed(0)
+        model = create_model(name, 16, 2, hidden=[16], attention_dim=16)
+        state, hist = fit_fold(model, kind(paths[:4], y[:4], 16, seed=1), kind(paths[4:], y[4:]), cfg,
+                               torch.device("cpu"), seed=0)
+        runs.append((state, hist))
+    (a, ha), (b, hb) = runs
+    same = ha == hb and all(torch.equal(a[k], b[k]) for k in a)
+    assert same == (not reg.needs_coords(name))
 
 
 # ---------------------------------------------------------------- CUDA

@@ -139,6 +139,7 @@ class BagItem(NamedTuple):
     label: int
     index: int  # the bag's place in the dataset
     rows: Tensor  # (n,) int64, each kept instance's row in the bag file (sorted)
+    coords: Tensor | None = None  # (n, 2) int64 level-0 (x, y) of the kept instances
 
 
 class BagBatch(NamedTuple):
@@ -149,13 +150,15 @@ class BagBatch(NamedTuple):
     y: Tensor  # (B,)
     index: Tensor  # (B,) dataset index of each bag
     rows: Tensor  # (B, N) int64 row of each instance in its bag file, -1 on padding
+    coords: Tensor | None = None  # (B, N, 2) int64 level-0 (x, y), 0 on padding (None if an item has none)
 
 
 class BagDataset(Dataset):
     """Reads one bag per item from disk; nothing is held in memory between items.
 
-    Items are :class:`BagItem`: the features, the label, the bag's index and the rows of
-    the bag file the features are (all rows, or the kept subset).
+    Items are :class:`BagItem`: the features, the label, the bag's index, the rows of
+    the bag file the features are (all rows, or the kept subset) and those rows' level-0
+    coordinates (read with the features; the graph models of :mod:`wsi_mil.mil.zoo` need them).
 
     ``max_instances > 0`` keeps a random subset of that many instances (training only).
     The subset is drawn from a generator seeded by ``(seed, epoch, bag index)``: it
@@ -199,30 +202,36 @@ class BagDataset(Dataset):
         return np.sort(rng.choice(n, self.max_instances, replace=False))
 
     def __getitem__(self, i: int) -> BagItem:
-        feats = read_bag(self.paths[i]).features  # (N, D)
+        bag = read_bag(self.paths[i])
+        feats, coords = bag.features, bag.coords  # (N, D), (N, 2)
         if len(feats) == 0:
             raise BagError(f"{self.paths[i]}: bag has no instances")
         rows = self.kept_rows(i, len(feats))
         if len(rows) < len(feats):
-            feats = feats[rows]
-        return BagItem(torch.from_numpy(feats), int(self.y[i]), i, torch.from_numpy(rows.astype(np.int64)))
+            feats, coords = feats[rows], coords[rows]
+        return BagItem(torch.from_numpy(feats), int(self.y[i]), i, torch.from_numpy(rows.astype(np.int64)),
+                       torch.from_numpy(np.ascontiguousarray(coords, np.int64)))
 
 
 def collate_bags(items: Sequence[BagItem]) -> BagBatch:
-    """Pad bags to the longest: X (B, N, D), mask (B, N), y (B,), index (B,), rows (B, N)."""
+    """Pad bags to the longest: X (B, N, D), mask (B, N), y (B,), index (B,), rows (B, N), coords (B, N, 2)."""
     n = max(it.features.shape[0] for it in items)
     D = items[0].features.shape[1]
     X = torch.zeros(len(items), n, D)  # (B, N, D)
     mask = torch.zeros(len(items), n, dtype=torch.bool)  # (B, N)
     rows = torch.full((len(items), n), -1, dtype=torch.long)  # (B, N)
+    has_coords = all(it.coords is not None for it in items)
+    coords = torch.zeros(len(items), n, 2, dtype=torch.long) if has_coords else None  # (B, N, 2)
     for i, it in enumerate(items):
         m = it.features.shape[0]
         X[i, :m] = it.features
         mask[i, :m] = True
         rows[i, :m] = it.rows
+        if coords is not None:
+            coords[i, :m] = it.coords
     y = torch.tensor([it.label for it in items], dtype=torch.long)
     idx = torch.tensor([it.index for it in items], dtype=torch.long)
-    return BagBatch(X, mask, y, idx, rows)
+    return BagBatch(X, mask, y, idx, rows, coords)
 
 
 def feature_stats(paths: Sequence[Path]) -> tuple[np.ndarray, np.ndarray, int]:

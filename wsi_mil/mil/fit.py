@@ -19,9 +19,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from wsi_mil.mil.config import TrainConfig
-from wsi_mil.mil.data import BagDataset, collate_bags
+from wsi_mil.mil.data import BagBatch, BagDataset, collate_bags
 from wsi_mil.mil.loss_attention import AttentionTargets, consistency_weight
 from wsi_mil.mil.protocol import select_epoch, total_loss
+
+
+def coords_kwargs(model: torch.nn.Module, b: BagBatch, device: torch.device) -> dict[str, Any]:
+    """``{"coords": (B, N, 2)}`` for a model with ``needs_coords`` (the graph models), else ``{}``."""
+    if not getattr(model, "needs_coords", False) or b.coords is None:
+        return {}  # a graph model without coordinates raises its own ConfigError
+    return {"coords": b.coords.to(device)}
 
 
 @torch.no_grad()
@@ -30,7 +37,8 @@ def predict_loader(model: torch.nn.Module, loader: DataLoader, device: torch.dev
     model.eval()
     out: dict[int, np.ndarray] = {}
     for b in loader:
-        pred = model.predict(b.X.to(device), b.mask.to(device), return_instance=False)
+        kw = coords_kwargs(model, b, device)
+        pred = model.predict(b.X.to(device), b.mask.to(device), return_instance=False, **kw)
         for i, p in zip(b.index.tolist(), pred.bag_probs.cpu().numpy(), strict=True):
             out[i] = p
     return np.stack([out[i] for i in range(len(out))])
@@ -67,6 +75,7 @@ def fit_fold(
     (``optim.omega > 0``) the EMA targets α̃ are read before it and updated with that
     forward's own attention (no extra forward). After every epoch the model predicts the
     validation bags with dropout off; the weights of the selected epoch so far are kept.
+    A model with ``needs_coords`` (the graph models) gets each batch's ``coords=`` in both.
 
     Parameters
     ----------
@@ -116,10 +125,10 @@ def fit_fold(
         sums: dict[str, float] = {}
         for b in train_dl:
             X, mask, y = b.X.to(device), b.mask.to(device), b.y.to(device)
-            kwargs: dict[str, Any] = {}
+            kwargs: dict[str, Any] = coords_kwargs(model, b, device)
             if targets is not None:
                 ids = b.index.tolist()
-                kwargs = {
+                kwargs |= {
                     "attention_target": targets.get(ids, b.rows).to(device),
                     "consistency_weight": omega,
                     "record_attention": functools.partial(targets.update, ids, b.rows),

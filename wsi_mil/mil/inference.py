@@ -20,7 +20,9 @@ class FoldEnsemble(nn.Module):
     """Mean of the fold models' outputs; same contract as a single MIL model.
 
     Bag probabilities, attention and instance probabilities are each averaged over folds.
-    ``forward`` returns the log of the mean probabilities (usable as logits).
+    ``forward`` returns the log of the mean probabilities (usable as logits). Fold models
+    with ``needs_coords`` (the graph models) get the patch coordinates; their adjacency is
+    built once per call and shared by the folds.
 
     Attributes
     ----------
@@ -36,12 +38,21 @@ class FoldEnsemble(nn.Module):
         self.classes = list(classes)
         self.encoder = encoder
 
+    @property
+    def needs_coords(self) -> bool:
+        """True when some fold model needs the patch coordinates."""
+        return any(getattr(m, "needs_coords", False) for m in self.models)
+
     @torch.no_grad()
     def predict(
-        self, X: Tensor, mask: Tensor | None = None, return_instance: bool = True
+        self, X: Tensor, mask: Tensor | None = None, return_instance: bool = True, *, coords: Tensor | None = None
     ) -> MILPrediction:
-        """Fold-averaged :class:`MILPrediction` for a padded batch (B, N, D)."""
-        preds = [m.predict(X, mask, return_instance) for m in self.models]
+        """Fold-averaged :class:`MILPrediction` for a padded batch (B, N, D); ``coords`` (B, N, 2)."""
+        graph: dict[str, Tensor] = {}
+        if coords is not None and self.needs_coords:
+            graph = {"adj": shared_adjacency(X, mask, coords)}
+        preds = [m.predict(X, mask, return_instance, **(graph if getattr(m, "needs_coords", False) else {}))
+                 for m in self.models]
         bag = torch.stack([p.bag_probs for p in preds]).mean(0)  # (B, K)
         if not return_instance:
             return MILPrediction(bag)
@@ -102,11 +113,37 @@ def load_model(run_dir: str | os.PathLike[str], device: str | torch.device = "cp
     return FoldEnsemble(models, classes, str(spec.get("encoder", ""))).to(device).eval()
 
 
-def predict_bag(model: nn.Module, features: np.ndarray | Tensor) -> MILPrediction:
-    """Predict one bag (N, D): bag probs (1, K), attention (1, N), instance probs (1, N, K)."""
+def shared_adjacency(X: Tensor, mask: Tensor | None, coords: Tensor) -> Tensor:
+    """The graph models' adjacency of a padded batch as one sparse (B, N, N) tensor.
+
+    Each bag's block is :func:`wsi_mil.mil.zoo_parts.adjacency_from_coords` of its real
+    instances (the first ``mask[i].sum()`` rows), as the models build it from ``coords``.
+    """
+    from wsi_mil.mil.zoo_parts import adjacency_from_coords
+
+    B, N = X.shape[:2]
+    n_real = mask.sum(1).tolist() if mask is not None else [N] * B
+    blocks = []
+    for i, n in enumerate(n_real):
+        a = adjacency_from_coords(coords[i, :n]).coalesce()  # (n, n)
+        blocks.append(torch.sparse_coo_tensor(a.indices(), a.values(), (N, N), check_invariants=False))
+    return torch.stack(blocks).coalesce().to(X.device)  # (B, N, N)
+
+
+def predict_bag(
+    model: nn.Module, features: np.ndarray | Tensor, coords: np.ndarray | Tensor | None = None
+) -> MILPrediction:
+    """Predict one bag (N, D): bag probs (1, K), attention (1, N), instance probs (1, N, K).
+
+    ``coords`` (N, 2), the bag's level-0 patch coordinates, is passed on (as (1, N, 2)) to
+    a model or ensemble with ``needs_coords``; such a model without it raises ``ConfigError``.
+    """
     X = torch.as_tensor(np.asarray(features, np.float32)).unsqueeze(0)  # (1, N, D)
     dev = next(model.parameters()).device
-    return model.predict(X.to(dev), None, return_instance=True)
+    kw = {}
+    if coords is not None and getattr(model, "needs_coords", False):
+        kw["coords"] = torch.as_tensor(np.asarray(coords)).reshape(1, -1, 2).to(dev)  # (1, N, 2)
+    return model.predict(X.to(dev), None, return_instance=True, **kw)
 
 
 def predict_bags(
@@ -129,7 +166,7 @@ def predict_bags(
         bag = read_bag(path)
         if len(bag.features) == 0:
             raise BagError(f"{path}: bag has no instances")
-        probs = predict_bag(model, bag.features).bag_probs[0].cpu().numpy()
+        probs = predict_bag(model, bag.features, bag.coords).bag_probs[0].cpu().numpy()
         sid = slide_ids[i] if slide_ids is not None else Path(path).stem
         row = {"slide_id": sid, "prediction": model.classes[int(probs.argmax())]}
         row.update({f"prob_{c}": float(p) for c, p in zip(model.classes, probs, strict=True)})

@@ -114,7 +114,7 @@ def predict_slide(
     if width is not None and bag.features.shape[1] != width:
         raise BagError(f"{path}: {bag.features.shape[1]}-d features, but {settings.run} takes {width}-d "
                        f"({settings.encoder}): a bag of another encoder? re-extract it (wsi-mil predict --overwrite)")
-    pred = predict_bag(model, bag.features)
+    pred = predict_bag(model, bag.features, bag.coords)
     probs = pred.bag_probs[0].cpu().numpy().astype(float)  # (K,)
     attention = pred.attention[0].cpu().numpy()  # (N,)
     inst = pred.instance_probs[0].cpu().numpy()  # (N, K)
