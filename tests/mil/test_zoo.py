@@ -417,3 +417,34 @@ def test_cuda_matches_cpu(name: str) -> None:
     torch.testing.assert_close(gpu.bag_probs.cpu(), cpu.bag_probs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gpu.attention.cpu(), cpu.attention, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gpu.instance_probs.cpu(), cpu.instance_probs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_ensemble_and_fit(tmp_path: Path, cohort) -> None:
+    """On CUDA the graph ensemble takes numpy coords and the trainer its batches' coords."""
+    from wsi_mil.io.h5 import read_bag
+    from wsi_mil.mil.config import OptimConfig, TrainConfig
+    from wsi_mil.mil.fit import fit_fold
+    from wsi_mil.mil.inference import FoldEnsemble, predict_bag
+
+    cohort(tmp_path, n=6)
+    paths = sorted((tmp_path / "features" / "toyenc" / "h5_files").glob("*.h5"))
+    y = np.arange(6) % 2
+    torch.manual_seed(0)
+    models = [create_model("patch_gcn", 16, 2, hidden=[16], attention_dim=16) for _ in range(2)]
+    cfg = TrainConfig(optim=OptimConfig(epochs=1, max_instances=16))
+    fit_fold(models[0].cuda(), BagDataset(paths[:4], y[:4], 16), BagDataset(paths[4:], y[4:]), cfg,
+             torch.device("cuda"), seed=0)
+    ens = FoldEnsemble([m.cpu().eval() for m in models], ["normal", "tumor"], "toyenc").eval()
+    bag = read_bag(paths[0])
+    cpu = predict_bag(ens, bag.features, bag.coords)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        gpu = predict_bag(ens.cuda(), bag.features, bag.coords)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    assert gpu.bag_probs.device.type == "cuda"
+    torch.testing.assert_close(gpu.bag_probs.cpu(), cpu.bag_probs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gpu.attention.cpu(), cpu.attention, atol=1e-4, rtol=1e-4)
