@@ -358,6 +358,25 @@ def test_cli_train_graph_model(tmp_path: Path, cohort) -> None:
     np.testing.assert_allclose(att.reshape(-1), pred.attention[0].numpy(), rtol=1e-6, atol=1e-7)
 
 
+def test_bag_items_carry_the_kept_rows_coords(tmp_path: Path, cohort) -> None:
+    """Subsampled items carry their rows' coordinates; batches pad them like X (0 on padding)."""
+    from wsi_mil.io.h5 import read_bag
+    from wsi_mil.mil.data import collate_bags
+
+    cohort(tmp_path, n=2)
+    paths = sorted((tmp_path / "features" / "toyenc" / "h5_files").glob("*.h5"))
+    ds = BagDataset(paths, np.array([0, 1]), max_instances=16, seed=1)
+    ds.set_epoch(3)
+    items = [ds[0], ds[1]]
+    for p, it in zip(paths, items, strict=True):
+        assert torch.equal(it.coords, torch.from_numpy(read_bag(p).coords)[it.rows])
+    short = BagDataset(paths, np.array([0, 1]))[1]
+    b = collate_bags([items[0], short])
+    n = len(short.features)
+    assert b.coords.shape == (2, max(16, n), 2) and torch.equal(b.coords[1, :n], short.coords)
+    assert not b.coords[~b.mask].any()
+
+
 class _MovedPatches(BagDataset):
     """The same bags with their patches moved to other grid places (the graph changes, not the features)."""
 
