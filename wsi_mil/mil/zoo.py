@@ -194,7 +194,7 @@ class TorchmilMIL(MILModel):
                 a = adj[i].coalesce() if adj.is_sparse else adj[i].to_sparse().coalesce()
                 idx, val = a.indices(), a.values()
                 keep = (idx[0] < n) & (idx[1] < n)
-                a = torch.sparse_coo_tensor(idx[:, keep], val[keep], (n, n))
+                a = torch.sparse_coo_tensor(idx[:, keep], val[keep], (n, n), check_invariants=False)
             else:
                 a = adjacency_from_coords(coords[i, :n])
             out.append(a.to(mask.device).unsqueeze(0).coalesce())  # (1, n, n)
