@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
+from tests._procs import watching_children
 from tests.cohort.conftest import write_config
 from wsi_mil.cohort.config import load_cohort_config
 from wsi_mil.cohort.executors import open_executor
+from wsi_mil.cohort.tasks import extract_task
 from wsi_mil.errors import ConfigError
 from wsi_mil.io import h5
 
@@ -24,28 +24,6 @@ SID = "tum_00"
 
 def _worker_view() -> tuple[bool, str | None]:
     return multiprocessing.current_process().daemon, os.environ.get("CUDA_VISIBLE_DEVICES")
-
-
-def _extract_watching_children(out: str, cfg: dict[str, Any]) -> tuple[Any, list[int], int]:
-    """Run the real extract task in this worker; the pids of child processes seen meanwhile."""
-    from wsi_mil.cohort.tasks import extract_task
-
-    seen: set[int] = set()
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            seen.update(p.pid for p in multiprocessing.active_children() if p.pid)
-            time.sleep(0.005)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        outcome = extract_task(None, out, SID, cfg, False)
-    finally:
-        stop.set()
-        t.join()
-    return outcome, sorted(seen), os.getpid()
 
 
 def test_embedded_workers_start_readers_and_see_no_gpu(cohort_dir: Path, tmp_path: Path) -> None:
@@ -64,7 +42,8 @@ def test_embedded_workers_start_readers_and_see_no_gpu(cohort_dir: Path, tmp_pat
 
         assert set(ex.client.run(_worker_view).values()) == {(False, "")}  # not daemonic, sees no GPU
         assert ex.client.submit(task_device, "auto", pure=False).result() == "cpu"  # a task there: auto → cpu
-        outcome, children, worker_pid = ex.client.submit(_extract_watching_children, str(out), ext).result()
+        job = ex.client.submit(watching_children, extract_task, None, str(out), SID, ext, False)
+        outcome, children, worker_pid = job.result()
     assert outcome.state == "done", outcome.reason
     assert "daemonic" not in outcome.detail
     assert len(children) >= 2 and worker_pid not in children  # two reader processes ran

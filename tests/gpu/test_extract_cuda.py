@@ -6,15 +6,13 @@ from __future__ import annotations
 import copy
 import multiprocessing
 import os
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests._procs import watching_children
 from tests.gpu.conftest import GPU
 from wsi_mil.features.extract import ExtractConfig, extract_slide
 from wsi_mil.features.registry import create_encoder
@@ -22,26 +20,6 @@ from wsi_mil.features.runtime import Runner, feature_agreement
 from wsi_mil.io import h5
 
 pytestmark = GPU
-
-
-def watching_children(fn: Callable[..., Any], *args: Any) -> tuple[Any, list[int], int]:
-    """``fn(*args)``, and the pids of the child processes seen while it ran (and this pid)."""
-    seen: set[int] = set()
-    stop = threading.Event()
-
-    def watch() -> None:
-        while not stop.is_set():
-            seen.update(p.pid for p in multiprocessing.active_children() if p.pid)
-            time.sleep(0.005)
-
-    t = threading.Thread(target=watch, daemon=True)
-    t.start()
-    try:
-        result = fn(*args)
-    finally:
-        stop.set()
-        t.join()
-    return result, sorted(seen), os.getpid()
 
 
 def _bag(out: Path, runner: Runner, cfg: ExtractConfig, name: str) -> Path:
