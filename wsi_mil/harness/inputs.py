@@ -79,19 +79,25 @@ def collect_slides(args: list[str | Path]) -> list[SlideInput]:
     >>> collect_slides(["slides/", "extra.csv"])  # doctest: +SKIP
     """
     out: list[SlideInput] = []
+    origin: list[str] = []  # where each slide was given: its folder, CSV or path
     for arg in args:
         p = Path(arg)
         if p.is_dir():
-            out += [SlideInput(f, check_slide_id(slide_id_from_path(f), str(f))) for f in slides_in_folder(p)]
+            found = [SlideInput(f, check_slide_id(slide_id_from_path(f), str(f))) for f in slides_in_folder(p)]
         elif p.suffix.lower() == ".csv" and p.is_file():
-            out += _from_csv(p)
+            found = _from_csv(p)
         else:
             p = as_slide_path(p)  # one .dcm file of a DICOM WSI: the slide is its folder
-            out.append(SlideInput(p, check_slide_id(slide_id_from_path(p), str(p))))
-    seen: dict[str, Path] = {}
-    for s in out:
-        if s.slide_id in seen and seen[s.slide_id] != s.path:
-            raise WsiMilError(f"two slides share the id {s.slide_id!r}: {seen[s.slide_id]} and {s.path}")
-        seen[s.slide_id] = s.path
+            found = [SlideInput(p, check_slide_id(slide_id_from_path(p), str(p)))]
+        out += found
+        origin += [str(arg)] * len(found)
+    seen: dict[str, tuple[Path, str]] = {}
+    for s, where in zip(out, origin, strict=True):
+        if s.slide_id in seen and seen[s.slide_id][0] != s.path:
+            first, first_where = seen[s.slide_id]
+            raise WsiMilError(
+                f"two slides share the id {s.slide_id!r}: {first} (from {first_where}) and {s.path} (from {where})"
+            )
+        seen[s.slide_id] = (s.path, where)
     unique = {s.slide_id: s for s in out}
     return list(unique.values())

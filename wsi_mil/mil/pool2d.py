@@ -61,8 +61,8 @@ class LossAttentionPool2d(nn.Module):
     >>> fmap = torch.randn(2, 16, 4, 5)               # (B, C, H, W)
     >>> pool(fmap).shape
     torch.Size([2, 3])
-    >>> pool.attention_map(fmap).sum((1, 2))          # doctest: +ELLIPSIS
-    tensor([1.0000, 1.0000]...)
+    >>> torch.allclose(pool.attention_map(fmap).sum((1, 2)), torch.ones(2))
+    True
     """
 
     def __init__(self, in_channels: int, n_classes: int, *, lam: float = 0.1) -> None:
