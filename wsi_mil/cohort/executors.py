@@ -237,11 +237,9 @@ def gpu_env(g: int, visible: str | None = None) -> dict[str, str]:
     >>> gpu_env(1, "2,3"), gpu_env(1, "")
     ({'CUDA_VISIBLE_DEVICES': '3'}, {'CUDA_VISIBLE_DEVICES': '1'})
     """
-    import os
+    from wsi_mil.features.runtime import physical_gpu
 
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES") if visible is None else visible
-    ids = [v.strip() for v in (visible or "").split(",") if v.strip()]
-    return {"CUDA_VISIBLE_DEVICES": ids[g] if g < len(ids) else str(g)}
+    return {"CUDA_VISIBLE_DEVICES": physical_gpu(g, visible)}
 
 
 def _gpu_stage(cfg: CohortConfig) -> bool:

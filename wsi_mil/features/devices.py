@@ -90,10 +90,9 @@ def visible_devices(device: str) -> tuple[str, str]:
     """
     if device == "cpu":
         return "", "cpu"
-    index = int(device.split(":")[1])
-    inherited = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
-    physical = inherited[index] if index < len(inherited) else str(index)
-    return physical, "cuda"
+    from wsi_mil.features.runtime import physical_gpu
+
+    return physical_gpu(int(device.split(":")[1])), "cuda"
 
 
 def _threads_per_process(devices: Sequence[str]) -> int:

@@ -50,6 +50,22 @@ def usable_cpus() -> int:
     return max(1, n)
 
 
+def physical_gpu(index: int, visible: str | None = None) -> str:
+    """The ``CUDA_VISIBLE_DEVICES`` entry of this process's GPU ``index``.
+
+    Under a scheduler that already restricts this process (SLURM's ``2,3``), index 0 is
+    device ``2``: a child given only its own GPU keeps within the allocation.
+
+    Examples
+    --------
+    >>> physical_gpu(1, "2,3"), physical_gpu(1, "")
+    ('3', '1')
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "") if visible is None else visible
+    ids = [v.strip() for v in visible.split(",") if v.strip()]
+    return ids[index] if index < len(ids) else str(index)
+
+
 def _cgroup_quota(root: str | Path = "/sys/fs/cgroup") -> float | None:
     """CPUs allowed by the cgroup (v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``), None if unlimited."""
     root = Path(root)
